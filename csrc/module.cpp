@@ -1,0 +1,234 @@
+// speciesclf._native: the Python face of the C++ core. Buffers in (buffer protocol), errors out as
+// (slot, status, message) triples that python/speciesclf/errors.py turns into typed exceptions.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "decoder.h"
+#include "pipeline.h"
+#include "thread_pool.h"
+
+namespace py = pybind11;
+using namespace speciesclf;
+
+namespace {
+
+struct Failure {
+  std::size_t slot;
+  Status status;
+  std::string message;
+};
+
+// Reads one input of the batch while the GIL is held; what it cannot read is a per-item failure.
+Item describe_item(const py::buffer_info& info, Status* status, std::string* message) {
+  Item item;
+  if (info.ndim == 1 && info.itemsize == 1) {
+    if (info.size > 1 && info.strides[0] != 1) {
+      *status = Status::kInvalidImage;
+      *message = "encoded bytes must be contiguous";
+    }
+    item.data = static_cast<const uint8_t*>(info.ptr);
+    item.size = std::size_t(info.size);
+    return item;
+  }
+  if ((info.ndim == 2 || info.ndim == 3) && info.format == py::format_descriptor<uint8_t>::format()) {
+    item.pixels = true;
+    item.height = int(info.shape[0]);
+    item.width = int(info.shape[1]);
+    item.channels = info.ndim == 3 ? int(info.shape[2]) : 1;
+    item.row_stride = info.strides[0];
+    item.data = static_cast<const uint8_t*>(info.ptr);
+    const bool packed = info.strides[1] == item.channels && (info.ndim == 2 || info.strides[2] == 1);
+    if (!packed || item.row_stride < std::ptrdiff_t(item.width) * item.channels) {
+      *status = Status::kInvalidImage;
+      *message = "pixel array rows must be packed (use numpy.ascontiguousarray)";
+    }
+    return item;
+  }
+  *status = Status::kInvalidImage;
+  *message = "expected encoded bytes or an HxW[xC] uint8 array, got a buffer of " + std::to_string(info.ndim) +
+             " dimension(s) and format '" + info.format + "'";
+  return item;
+}
+
+std::size_t itemsize_of(DType dtype) { return dtype == DType::kFloat32 ? 4 : dtype == DType::kFloat16 ? 2 : 1; }
+
+bool is_c_contiguous(const py::buffer_info& info) {
+  py::ssize_t expected = info.itemsize;
+  for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+    if (info.shape[d] > 1 && info.strides[d] != expected) return false;
+    expected *= info.shape[d];
+  }
+  return true;
+}
+
+py::list preprocess(const py::list& items, const py::buffer& out, int size, int resize, int filter, int dtype,
+                    int layout, std::vector<float> mean, std::vector<float> std_, uint64_t max_pixels,
+                    uint64_t max_bytes, double reduce_margin, int threads, std::vector<std::size_t> slots) {
+  OutputSpec spec;
+  spec.size = size;
+  spec.resize = resize;
+  spec.filter = static_cast<Filter>(filter);
+  spec.dtype = static_cast<DType>(dtype);
+  spec.layout = static_cast<Layout>(layout);
+  if (mean.size() != 3 || std_.size() != 3) throw py::value_error("mean and std need 3 values");
+  for (int c = 0; c < 3; ++c) {
+    spec.mean[c] = mean[c];
+    spec.std[c] = std_[c];
+  }
+  spec.limits = Limits{max_pixels, max_bytes};
+  spec.reduce_margin = reduce_margin;
+  if (size <= 0 || resize < 0) throw py::value_error("size must be positive and resize non-negative");
+  const Preprocessor preprocessor(spec);
+
+  py::buffer_info out_info = out.request(/*writable=*/true);
+  if (std::size_t(out_info.itemsize) != itemsize_of(spec.dtype))
+    throw py::value_error("out has itemsize " + std::to_string(out_info.itemsize) + ", the spec's dtype needs " +
+                          std::to_string(itemsize_of(spec.dtype)));
+  if (!is_c_contiguous(out_info)) throw py::value_error("out must be C-contiguous");
+  const std::size_t out_bytes = std::size_t(out_info.size) * out_info.itemsize;
+  const std::size_t capacity = out_bytes / preprocessor.slot_bytes();
+  if (out_bytes % preprocessor.slot_bytes() != 0)
+    throw py::value_error("out is not a whole number of images of the spec's size");
+
+  const std::size_t n = std::size_t(py::len(items));
+  if (!slots.empty() && slots.size() != n) throw py::value_error("slots must give one slot per item");
+  if (slots.empty()) {
+    slots.resize(n);
+    for (std::size_t i = 0; i < n; ++i) slots[i] = i;
+  }
+  for (std::size_t s : slots)
+    if (s >= capacity) throw py::value_error("out holds " + std::to_string(capacity) + " images, slot " +
+                                             std::to_string(s) + " is past its end");
+
+  std::vector<py::buffer_info> views;  // keep every input alive and pinned until the GIL comes back
+  views.reserve(n);
+  std::vector<Item> work(n);
+  std::vector<Status> statuses(n, Status::kOk);
+  std::vector<std::string> messages(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    py::handle obj = items[i];
+    try {
+      views.emplace_back(py::reinterpret_borrow<py::buffer>(obj).request());
+    } catch (const py::error_already_set&) {
+      views.emplace_back();
+      statuses[i] = Status::kInvalidImage;
+      messages[i] = std::string("not a buffer: ") + py::str(py::type::of(obj)).cast<std::string>();
+      continue;
+    }
+    work[i] = describe_item(views.back(), &statuses[i], &messages[i]);
+  }
+
+  uint8_t* base = static_cast<uint8_t*>(out_info.ptr);
+  {
+    py::gil_scoped_release release;
+    ThreadPool::instance().parallel_for(n, threads, [&](std::size_t i) {
+      if (statuses[i] != Status::kOk) return;
+      statuses[i] = preprocessor.run(work[i], base + slots[i] * preprocessor.slot_bytes(), &messages[i]);
+    });
+  }
+
+  py::list failures;
+  for (std::size_t i = 0; i < n; ++i)
+    if (statuses[i] != Status::kOk) failures.append(py::make_tuple(slots[i], int(statuses[i]), messages[i]));
+  return failures;
+}
+
+// Returns (status, message, array or None).
+py::tuple decode(const py::buffer& data, int min_width, int min_height, uint64_t max_pixels, uint64_t max_bytes) {
+  py::buffer_info info = data.request();
+  if (info.ndim != 1 || info.itemsize != 1 || (info.size > 1 && info.strides[0] != 1))
+    throw py::type_error("decode() takes contiguous encoded bytes");
+  const auto* bytes = static_cast<const uint8_t*>(info.ptr);
+  const std::size_t size = std::size_t(info.size);
+  thread_local ScratchBuffer decoded, oriented;
+  RgbView view;
+  Status status = Status::kOk;
+  std::string message;
+  {
+    py::gil_scoped_release release;
+    try {
+      const Probe probe = probe_image(bytes, size, Limits{max_pixels, max_bytes});
+      const int reduction = reduction_for(probe, min_width, min_height, 1.0);
+      view = decode_upright(probe, bytes, size, reduction, decoded, oriented);
+    } catch (const ImageFailure& f) {
+      status = f.status();
+      message = f.what();
+    } catch (const std::bad_alloc&) {
+      status = Status::kOutOfMemory;
+      message = "out of memory";
+    }
+  }
+  if (status != Status::kOk) return py::make_tuple(int(status), message, py::none());
+  py::array_t<uint8_t> array({view.height, view.width, 3});
+  uint8_t* dst = array.mutable_data();
+  for (int y = 0; y < view.height; ++y)
+    std::memcpy(dst + std::size_t(y) * view.width * 3, view.data + std::ptrdiff_t(y) * view.row_stride,
+                std::size_t(view.width) * 3);
+  return py::make_tuple(0, std::string(), array);
+}
+
+py::dict build_info() {
+  py::dict codecs;
+#if SPECIESCLF_HAVE_JPEG
+  codecs["jpeg"] = "libjpeg-turbo " SPECIESCLF_TURBOJPEG_VERSION;
+#endif
+#if SPECIESCLF_HAVE_PNG
+  codecs["png"] = "libspng " SPECIESCLF_SPNG_VERSION;
+#endif
+#if SPECIESCLF_HAVE_WEBP
+  codecs["webp"] = "libwebp " SPECIESCLF_WEBP_VERSION;
+#endif
+  py::list simd;
+#if defined(__AVX512F__)
+  simd.append("avx512f");
+#endif
+#if defined(__AVX2__)
+  simd.append("avx2");
+#endif
+#if defined(__SSE4_2__)
+  simd.append("sse4.2");
+#endif
+#if defined(__SSE2__)
+  simd.append("sse2");
+#endif
+#if defined(__ARM_NEON)
+  simd.append("neon");
+#endif
+  py::dict info;
+  info["version"] = SPECIESCLF_VERSION;
+  info["codecs"] = codecs;
+  info["turbojpeg"] = bool(SPECIESCLF_HAVE_JPEG + 0);
+  info["simd"] = simd;
+  info["cuda"] = false;
+  info["nvjpeg"] = false;
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "speciesclf native core (private: use the speciesclf package)";
+  m.def("preprocess", &preprocess, py::arg("items"), py::arg("out"), py::arg("size"), py::arg("resize"),
+        py::arg("filter"), py::arg("dtype"), py::arg("layout"), py::arg("mean"), py::arg("std"),
+        py::arg("max_pixels"), py::arg("max_bytes"), py::arg("reduce_margin"), py::arg("threads"),
+        py::arg("slots"));
+  m.def("decode", &decode, py::arg("data"), py::arg("min_width"), py::arg("min_height"), py::arg("max_pixels"),
+        py::arg("max_bytes"));
+  m.def("build_info", &build_info);
+  m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });
+  m.def("pool_workers", [] { return ThreadPool::instance().worker_count(); });
+}

@@ -1,0 +1,198 @@
+#include "pipeline.h"
+
+#include <cmath>
+#include <cstring>
+#include <new>
+
+namespace speciesclf {
+
+namespace {
+
+constexpr std::size_t kKeepScratchBytes = 64u << 20;
+
+struct WorkerScratch {
+  ScratchBuffer decoded, oriented, converted;
+  ResampleScratch resample;
+
+  // A rare huge image should not pin its memory for the life of the thread.
+  void trim() {
+    for (ScratchBuffer* b : {&decoded, &oriented, &converted, &resample.rows})
+      if (b->capacity() > kKeepScratchBytes) b->release();
+  }
+};
+
+WorkerScratch& worker_scratch() {
+  thread_local WorkerScratch scratch;
+  return scratch;
+}
+
+RgbView pixels_as_rgb(const Item& item, ScratchBuffer& converted) {
+  if (item.height <= 0 || item.width <= 0) fail(Status::kInvalidImage, "pixel array has no pixels");
+  if (item.channels == 3) return RgbView{item.data, item.width, item.height, item.row_stride};
+  if (item.channels != 1 && item.channels != 4)
+    fail(Status::kInvalidImage, "pixel array must have 1, 3 or 4 channels, got " + std::to_string(item.channels));
+  uint8_t* dst = converted.reserve(std::size_t(item.width) * item.height * 3);
+  for (int y = 0; y < item.height; ++y) {
+    const uint8_t* in = item.data + std::ptrdiff_t(y) * item.row_stride;
+    uint8_t* out = dst + std::size_t(y) * item.width * 3;
+    for (int x = 0; x < item.width; ++x) {
+      // Gray is replicated and alpha dropped, as Pillow's convert("RGB") does.
+      const uint8_t* p = in + std::ptrdiff_t(x) * item.channels;
+      out[3 * x] = p[0];
+      out[3 * x + 1] = item.channels == 1 ? p[0] : p[1];
+      out[3 * x + 2] = item.channels == 1 ? p[0] : p[2];
+    }
+  }
+  return RgbView{dst, item.width, item.height, std::ptrdiff_t(item.width) * 3};
+}
+
+}  // namespace
+
+Geometry plan_geometry(int width, int height, int size, int resize) {
+  if (resize == 0) return Geometry{size, size, 0, 0};
+  Geometry g;
+  if (width <= height) {
+    g.resized_width = resize;
+    g.resized_height = int(double(int64_t(resize) * height) / width);
+  } else {
+    g.resized_height = resize;
+    g.resized_width = int(double(int64_t(resize) * width) / height);
+  }
+  // Python's round() goes half to even; so does nearbyint in the default rounding mode.
+  g.crop_x = int(std::nearbyint((g.resized_width - size) / 2.0));
+  g.crop_y = int(std::nearbyint((g.resized_height - size) / 2.0));
+  return g;
+}
+
+void upright_box(const Probe& probe, int reduction, int decoded_width, int decoded_height, double box[4]) {
+  const double bw = double(probe.stored_width) / reduction, bh = double(probe.stored_height) / reduction;
+  const double dw = decoded_width, dh = decoded_height;  // stored orientation, rounded up
+  double x0 = 0, y0 = 0, x1 = bw, y1 = bh;
+  switch (probe.orientation) {
+    case 2: x0 = dw - bw; x1 = dw; break;
+    case 3: x0 = dw - bw; x1 = dw; y0 = dh - bh; y1 = dh; break;
+    case 4: y0 = dh - bh; y1 = dh; break;
+    case 5: x1 = bh; y1 = bw; break;
+    case 6: x0 = dh - bh; x1 = dh; y1 = bw; break;
+    case 7: x0 = dh - bh; x1 = dh; y0 = dw - bw; y1 = dw; break;
+    case 8: x1 = bh; y0 = dw - bw; y1 = dw; break;
+    default: break;
+  }
+  box[0] = x0;
+  box[1] = y0;
+  box[2] = x1;
+  box[3] = y1;
+}
+
+uint16_t float_to_half(float value) {
+  uint32_t x;
+  std::memcpy(&x, &value, sizeof x);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t exponent = (x >> 23) & 0xFFu;
+  uint32_t mantissa = x & 0x7FFFFFu;
+  if (exponent == 0xFF) return uint16_t(sign | 0x7C00u | (mantissa ? 0x200u : 0u));
+  const int e = int(exponent) - 127 + 15;
+  if (e >= 0x1F) return uint16_t(sign | 0x7C00u);
+  if (e <= 0) {
+    if (e < -10) return uint16_t(sign);
+    mantissa |= 0x800000u;
+    const int shift = 14 - e;
+    uint32_t half = mantissa >> shift;
+    const uint32_t rest = mantissa & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
+    return uint16_t(sign | half);
+  }
+  uint32_t half = sign | (uint32_t(e) << 10) | (mantissa >> 13);
+  const uint32_t rest = mantissa & 0x1FFFu;
+  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;  // a carry correctly bumps the exponent
+  return uint16_t(half);
+}
+
+Preprocessor::Preprocessor(const OutputSpec& spec) : spec_(spec) {
+  const std::size_t itemsize = spec.dtype == DType::kFloat32 ? 4 : spec.dtype == DType::kFloat16 ? 2 : 1;
+  slot_bytes_ = std::size_t(spec.size) * spec.size * 3 * itemsize;
+  for (int c = 0; c < 3; ++c) {
+    for (int v = 0; v < 256; ++v) {
+      // float32 throughout, in torchvision's order: to [0, 1], subtract the mean, divide by the std.
+      const float unit = float(v) / 255.0f;
+      lut_[c][v] = (unit - spec.mean[c]) / spec.std[c];
+      half_lut_[c][v] = float_to_half(lut_[c][v]);
+    }
+  }
+}
+
+void Preprocessor::write_row(uint8_t* slot, int row, const uint8_t* rgb) const {
+  const int n = spec_.size;
+  const std::size_t plane = std::size_t(n) * n;
+  const std::size_t offset = std::size_t(row) * n;
+  if (spec_.layout == Layout::kNHWC) {
+    if (spec_.dtype == DType::kUInt8) {
+      std::memcpy(slot + offset * 3, rgb, std::size_t(n) * 3);
+    } else if (spec_.dtype == DType::kFloat32) {
+      float* out = reinterpret_cast<float*>(slot) + offset * 3;
+      for (int i = 0; i < 3 * n; ++i) out[i] = lut_[i % 3][rgb[i]];
+    } else {
+      uint16_t* out = reinterpret_cast<uint16_t*>(slot) + offset * 3;
+      for (int i = 0; i < 3 * n; ++i) out[i] = half_lut_[i % 3][rgb[i]];
+    }
+    return;
+  }
+  for (int c = 0; c < 3; ++c) {
+    if (spec_.dtype == DType::kUInt8) {
+      uint8_t* out = slot + c * plane + offset;
+      for (int x = 0; x < n; ++x) out[x] = rgb[3 * x + c];
+    } else if (spec_.dtype == DType::kFloat32) {
+      float* out = reinterpret_cast<float*>(slot) + c * plane + offset;
+      const float* lut = lut_[c];
+      for (int x = 0; x < n; ++x) out[x] = lut[rgb[3 * x + c]];
+    } else {
+      uint16_t* out = reinterpret_cast<uint16_t*>(slot) + c * plane + offset;
+      const uint16_t* lut = half_lut_[c];
+      for (int x = 0; x < n; ++x) out[x] = lut[rgb[3 * x + c]];
+    }
+  }
+}
+
+Status Preprocessor::run(const Item& item, uint8_t* slot, std::string* message) const {
+  WorkerScratch& s = worker_scratch();
+  Status status = Status::kOk;
+  try {
+    RgbView src;
+    ResizeCrop rc;
+    Geometry g;
+    if (item.pixels) {
+      src = pixels_as_rgb(item, s.converted);
+      g = plan_geometry(src.width, src.height, spec_.size, spec_.resize);
+      rc.box[0] = rc.box[1] = 0.0;
+      rc.box[2] = src.width;
+      rc.box[3] = src.height;
+    } else {
+      const Probe probe = probe_image(item.data, item.size, spec_.limits);
+      g = plan_geometry(probe.upright_width(), probe.upright_height(), spec_.size, spec_.resize);
+      const int reduction = reduction_for(probe, g.resized_width, g.resized_height, spec_.reduce_margin);
+      src = decode_upright(probe, item.data, item.size, reduction, s.decoded, s.oriented);
+      const bool swap = probe.orientation >= 5;
+      upright_box(probe, reduction, swap ? src.height : src.width, swap ? src.width : src.height, rc.box);
+    }
+    rc.resized_width = g.resized_width;
+    rc.resized_height = g.resized_height;
+    rc.crop_x = g.crop_x;
+    rc.crop_y = g.crop_y;
+    rc.out_width = rc.out_height = spec_.size;
+    rc.filter = spec_.filter;
+    resize_crop(src, rc, s.resample, [&](int row, const uint8_t* rgb) { write_row(slot, row, rgb); });
+  } catch (const ImageFailure& failure) {
+    status = failure.status();
+    *message = failure.what();
+  } catch (const std::bad_alloc&) {
+    status = Status::kOutOfMemory;
+    *message = "out of memory";
+  } catch (const std::exception& e) {
+    status = Status::kInternal;
+    *message = e.what();
+  }
+  s.trim();
+  return status;
+}
+
+}  // namespace speciesclf

@@ -1,0 +1,67 @@
+// One image from bytes or pixels to its slot of the output batch: decode at the right DCT
+// reduction, turn upright, resize only what the crop keeps, normalise, convert dtype and layout.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "decoder.h"
+#include "resample.h"
+#include "status.h"
+
+namespace speciesclf {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kUInt8 = 2 };
+enum class Layout : int { kNCHW = 0, kNHWC = 1 };
+
+struct OutputSpec {
+  int size = 224;
+  int resize = 256;  // shorter side before the centre crop; 0 squashes straight to size x size
+  Filter filter = Filter::kBilinear;
+  DType dtype = DType::kFloat32;
+  Layout layout = Layout::kNCHW;
+  float mean[3] = {0.485f, 0.456f, 0.406f};
+  float std[3] = {0.229f, 0.224f, 0.225f};
+  Limits limits{89478485, 64u << 20};
+  double reduce_margin = 1.25;  // see PreprocessSpec.jpeg_reduce_margin; 0 never reduces
+};
+
+// torchvision's Resize(resize) + CenterCrop(size) on a width x height image (or a squash).
+struct Geometry {
+  int resized_width, resized_height;
+  int crop_x, crop_y;
+};
+Geometry plan_geometry(int width, int height, int size, int resize);
+
+// The source rectangle of a reduced decode, (0, 0, W/r, H/r) in stored coordinates, carried through
+// the EXIF orientation (the decoded image's padding column moves with it).
+void upright_box(const Probe& probe, int reduction, int decoded_width, int decoded_height, double box[4]);
+
+// What a worker needs to know about one input.
+struct Item {
+  const uint8_t* data = nullptr;
+  std::size_t size = 0;     // encoded bytes; 0 with `pixels`
+  bool pixels = false;      // an H x W x channels uint8 array
+  int height = 0, width = 0, channels = 0;
+  std::ptrdiff_t row_stride = 0;
+};
+
+class Preprocessor {
+ public:
+  explicit Preprocessor(const OutputSpec& spec);
+  std::size_t slot_bytes() const { return slot_bytes_; }
+  // Never throws: a failure is returned with its message and the slot is left as it was.
+  Status run(const Item& item, uint8_t* slot, std::string* message) const;
+
+ private:
+  void write_row(uint8_t* slot, int row, const uint8_t* rgb) const;
+  OutputSpec spec_;
+  std::size_t slot_bytes_;
+  float lut_[3][256];        // value -> normalised float32, computed as torchvision does
+  uint16_t half_lut_[3][256];
+};
+
+uint16_t float_to_half(float value);
+
+}  // namespace speciesclf

@@ -1,0 +1,144 @@
+"""Byte-level facts about encoded images: format sniffing, EXIF orientation, PNG chunk CRCs.
+
+Pure-Python twins of csrc/formats.cpp and csrc/exif.cpp: the two backends must agree on what a file is
+and which way up it goes, so neither relies on Pillow's more forgiving readers for these decisions.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+JPEG, PNG, WEBP, GIF, BMP, TIFF = "JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"
+
+
+def sniff_format(data: bytes | memoryview) -> str | None:
+    head = bytes(data[:12])
+    if head.startswith(b"\xff\xd8\xff"):
+        return JPEG
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return PNG
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return WEBP
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return GIF
+    if head.startswith(b"BM"):
+        return BMP
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return TIFF
+    return None
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    if tiff.startswith(b"Exif\x00\x00"):
+        tiff = tiff[6:]
+    if len(tiff) < 8:
+        return 1
+    if tiff[:2] == b"II":
+        order = "<"
+    elif tiff[:2] == b"MM":
+        order = ">"
+    else:
+        return 1
+    if struct.unpack_from(order + "H", tiff, 2)[0] != 42:
+        return 1
+    ifd = struct.unpack_from(order + "I", tiff, 4)[0]
+    if ifd > len(tiff) or len(tiff) - ifd < 2:
+        return 1
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for i in range(count):
+        entry = ifd + 2 + i * 12
+        if entry + 12 > len(tiff):
+            return 1
+        tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+        if tag != 0x0112:
+            continue
+        if kind == 3:
+            (value,) = struct.unpack_from(order + "H", tiff, entry + 8)
+        elif kind == 4:
+            (value,) = struct.unpack_from(order + "I", tiff, entry + 8)
+        else:
+            return 1
+        return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    pos, size = 2, len(data)
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            return 1
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 2
+            continue
+        if marker in (0xDA, 0xD9):
+            return 1
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2 or pos + 2 + length > size:
+            return 1
+        if marker == 0xE1 and length >= 8 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+        pos += 2 + length
+    return 1
+
+
+def _png_orientation(data: bytes) -> int:
+    pos, size = 8, len(data)
+    while pos + 12 <= size:
+        (length,) = struct.unpack_from(">I", data, pos)
+        if length > size - pos - 12:
+            return 1
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"eXIf":
+            return _tiff_orientation(data[pos + 8 : pos + 8 + length])
+        if kind == b"IEND":
+            return 1
+        pos += 12 + length
+    return 1
+
+
+def _webp_orientation(data: bytes) -> int:
+    pos, size = 12, len(data)
+    while pos + 8 <= size:
+        (length,) = struct.unpack_from("<I", data, pos + 4)
+        if length > size - pos - 8:
+            return 1
+        if data[pos : pos + 4] == b"EXIF":
+            return _tiff_orientation(data[pos + 8 : pos + 8 + length])
+        pos += 8 + length + (length & 1)
+    return 1
+
+
+def exif_orientation(data: bytes, fmt: str | None) -> int:
+    """EXIF orientation 1..8; anything malformed reads as 1 (upright) rather than losing the image."""
+    if fmt == JPEG:
+        return _jpeg_orientation(data)
+    if fmt == PNG:
+        return _png_orientation(data)
+    if fmt == WEBP:
+        return _webp_orientation(data)
+    return 1
+
+
+def png_crc_problem(data: bytes) -> str | None:
+    """The first chunk whose CRC does not match, as libspng would reject it; None when all match.
+
+    Pillow skips IDAT checksums, so without this the two backends would disagree on damaged files.
+    """
+    pos, size = 8, len(data)
+    while pos + 12 <= size:
+        (length,) = struct.unpack_from(">I", data, pos)
+        if length > size - pos - 12:
+            return None  # truncated: the decoder reports it
+        kind = data[pos + 4 : pos + 8]
+        (stored,) = struct.unpack_from(">I", data, pos + 8 + length)
+        if zlib.crc32(data[pos + 4 : pos + 8 + length]) != stored:
+            return f"CRC mismatch in {kind.decode('latin-1')!r} chunk"
+        if kind == b"IEND":
+            return None
+        pos += 12 + length
+    return None

@@ -1,0 +1,205 @@
+"""preprocess_batch: many images in, one model-ready batch out, with a typed error per failed item."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Literal
+
+import numpy as np
+
+from . import _backend
+from ._pillow_backend import PillowPreprocessor
+from .errors import CODEC_UNAVAILABLE, ImageError, error_from_status
+from .inputs import ImageInput, as_source
+from .spec import PreprocessSpec
+
+__all__ = ["Batch", "preprocess_batch"]
+
+_FILTER_CODES = {"bilinear": 0, "bicubic": 1}
+_DTYPE_CODES = {"float32": 0, "float16": 1, "uint8": 2}
+_LAYOUT_CODES = {"NCHW": 0, "NHWC": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """The result of :func:`preprocess_batch`.
+
+    ``array`` has one slot per input (``out`` itself when one was given). ``ok[i]`` says whether slot ``i``
+    holds an image; a failed slot is NaN (float dtypes) or 0 (uint8) and its error is ``errors[i]``.
+    """
+
+    array: Any
+    ok: np.ndarray
+    errors: dict[int, ImageError]
+
+    def __len__(self) -> int:
+        return len(self.ok)
+
+    @property
+    def all_ok(self) -> bool:
+        return not self.errors
+
+    def valid(self) -> Any:
+        """Only the slots that hold images, in input order."""
+        return self.array[np.flatnonzero(self.ok)] if self.errors else self.array
+
+
+def preprocess_batch(
+    items: Iterable[ImageInput],
+    spec: PreprocessSpec = PreprocessSpec(),
+    *,
+    threads: int | None = None,
+    backend: Literal["auto", "native", "python"] = "auto",
+    out: Any = None,
+    on_error: Literal["raise", "skip"] = "raise",
+) -> Batch:
+    """Decode, resize, crop and normalise ``items`` into one (N, 3, size, size) batch (or NHWC).
+
+    Items may be encoded bytes, paths, HxW[xC] uint8 arrays or PIL images, mixed freely. ``out`` may be a
+    NumPy array or a CPU torch tensor (pinned or not) of the spec's dtype, C-contiguous, with at least
+    N rows; it is written in place and never reallocated. With ``on_error="raise"`` the error of the first
+    failed item is raised once the whole batch has been processed; with ``"skip"`` failures are reported
+    in ``Batch.ok`` and ``Batch.errors``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not isinstance(spec, PreprocessSpec):
+        raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
+    chosen = _backend.resolve(backend)
+    threads = _backend.default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    items = list(items)
+    n = len(items)
+    array, result = _output_buffer(out, spec, n)
+
+    errors: dict[int, ImageError] = {}
+    sources: list[Any] = []
+    slots: list[int] = []
+    for i, item in enumerate(items):
+        try:
+            sources.append(as_source(item, spec.max_bytes))
+            slots.append(i)
+        except ImageError as e:
+            errors[i] = e
+
+    if chosen == "native":
+        leftovers = _run_native(sources, slots, array, spec, threads, errors)
+    else:
+        leftovers = list(zip(slots, sources))
+    if leftovers:
+        _run_pillow(leftovers, array, spec, threads, errors)
+
+    ok = np.ones(n, dtype=bool)
+    for i in errors:
+        ok[i] = False
+        array[i] = np.nan if array.dtype.kind == "f" else 0
+    if on_error == "raise" and errors:
+        first = min(errors)
+        error = errors[first]
+        error.add_note(f"speciesclf: item {first} of a batch of {n}")
+        raise error
+    return Batch(result, ok, errors)
+
+
+def _run_native(sources, slots, array, spec, threads, errors) -> list[tuple[int, Any]]:
+    """Runs the native core; returns the (slot, source) pairs it leaves to Pillow."""
+    native = _backend._native
+    failures = native.preprocess(
+        sources,
+        array,
+        size=spec.size,
+        resize=spec.resize or 0,
+        filter=_FILTER_CODES[spec.interpolation],
+        dtype=_DTYPE_CODES[spec.dtype],
+        layout=_LAYOUT_CODES[spec.layout],
+        mean=list(spec.mean),
+        std=list(spec.std),
+        max_pixels=spec.max_pixels,
+        max_bytes=spec.max_bytes,
+        reduce_margin=spec.jpeg_reduce_margin or 0.0,
+        threads=threads,
+        slots=slots,
+    )
+    leftovers = []
+    by_slot = None
+    for slot, status, message in failures:
+        if status == CODEC_UNAVAILABLE:
+            if by_slot is None:
+                by_slot = dict(zip(slots, sources))
+            leftovers.append((slot, by_slot[slot]))
+        else:
+            errors[slot] = error_from_status(status, message)
+    return leftovers
+
+
+_executors: dict[int, ThreadPoolExecutor] = {}
+_executors_lock = threading.Lock()
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    with _executors_lock:
+        if threads not in _executors:
+            _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="speciesclf-pillow")
+        return _executors[threads]
+
+
+def _run_pillow(work: list[tuple[int, Any]], array, spec, threads, errors) -> None:
+    run_one = PillowPreprocessor(spec)
+
+    def task(slot_source):
+        slot, source = slot_source
+        try:
+            run_one(source, array[slot])
+        except ImageError as e:
+            return slot, e
+        except MemoryError as e:
+            return slot, ImageError(f"out of memory: {e}")
+        return slot, None
+
+    results = map(task, work) if threads == 1 or len(work) == 1 else _executor(threads).map(task, work)
+    for slot, error in results:
+        if error is not None:
+            errors[slot] = error
+
+
+def _output_buffer(out: Any, spec: PreprocessSpec, n: int) -> tuple[np.ndarray, Any]:
+    """(NumPy view to write, object to return). ``out`` is checked, never reallocated."""
+    shape = spec.output_shape(n)
+    if out is None:
+        array = np.empty(shape, dtype=spec.numpy_dtype)
+        return array, array
+    if type(out).__module__.startswith("torch"):
+        return _torch_out(out, spec, shape)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array or a CPU torch tensor, got {type(out).__name__}")
+    _check_out(out.shape, out.dtype, out.flags.c_contiguous, spec, shape)
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    return out[:n], out[:n]
+
+
+def _torch_out(out: Any, spec: PreprocessSpec, shape) -> tuple[np.ndarray, Any]:
+    import torch
+
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a numpy array or a CPU torch tensor, got {type(out).__name__}")
+    if out.device.type != "cpu":
+        raise ValueError(f"out is on {out.device}; CPU preprocessing writes to CPU memory (pinned is fine)")
+    expected = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}[spec.dtype]
+    if out.dtype != expected:
+        raise ValueError(f"out has dtype {out.dtype}, the spec needs {expected}")
+    _check_out(tuple(out.shape), spec.numpy_dtype, out.is_contiguous(), spec, shape)
+    view = out.detach().numpy()
+    return view[: shape[0]], out[: shape[0]]
+
+
+def _check_out(got_shape, got_dtype, contiguous: bool, spec: PreprocessSpec, shape) -> None:
+    if np.dtype(got_dtype) != spec.numpy_dtype:
+        raise ValueError(f"out has dtype {np.dtype(got_dtype)}, the spec needs {spec.numpy_dtype}")
+    if len(got_shape) != 4 or tuple(got_shape[1:]) != shape[1:] or got_shape[0] < shape[0]:
+        raise ValueError(f"out has shape {tuple(got_shape)}, need ({shape[0]} or more, {', '.join(map(str, shape[1:]))})")
+    if not contiguous:
+        raise ValueError("out must be C-contiguous")
