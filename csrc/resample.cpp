@@ -2,6 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+
+#if defined(__SSE4_1__)
+#include <smmintrin.h>
+#endif
 
 namespace speciesclf {
 
@@ -39,41 +44,98 @@ void plan_axis(AxisPlan& plan, Filter filter, double in0, double in1, int in_siz
   if (plan.input_end < plan.input_begin) plan.input_end = plan.input_begin;
 }
 
-void resample_rows_horizontally(const RgbView& src, const AxisPlan& plan, int row_begin, int row_end,
-                                uint8_t* out) {
+void resample_column_strip(const RgbView& src, const AxisPlan& vertical, int index, int column_begin,
+                           int column_end, int32_t* accumulator, uint8_t* out) {
+  const int length = (column_end - column_begin) * 3;
+  const int32_t* k = &vertical.weights[std::size_t(index) * vertical.taps];
+  const uint8_t* first = src.data + std::ptrdiff_t(vertical.first[index]) * src.row_stride + column_begin * 3;
+  const int n = vertical.count[index];
+  std::fill(accumulator, accumulator + length, fixed_rounding_bias());
+  for (int t = 0; t < n; ++t) {
+    const uint8_t* in = first + std::ptrdiff_t(t) * src.row_stride;
+    const int32_t w = k[t];
+    for (int x = 0; x < length; ++x) accumulator[x] += in[x] * w;
+  }
+  for (int x = 0; x < length; ++x) out[x] = fixed_to_u8(accumulator[x]);
+}
+
+namespace {
+
+// Every output pixel reads exactly Taps inputs (the weights past its window are zero), so the loop
+// has a fixed trip count the compiler unrolls.
+#if defined(__SSE4_1__)
+// One pixel's three channels share a vector: a 4-byte load widened to int32 lanes (the 4th lane reads
+// the next pixel and is discarded), multiplied by the tap's weight. Same integer sums as the scalar loop.
+template <int Taps>
+void horizontal_fixed(const uint8_t* strip, const AxisPlan& plan, int begin, uint8_t* out) {
   const int out_width = int(plan.first.size());
-  for (int y = row_begin; y < row_end; ++y) {
-    const uint8_t* in = src.data + std::ptrdiff_t(y) * src.row_stride;
-    for (int j = 0; j < out_width; ++j) {
-      const int32_t* k = &plan.weights[std::size_t(j) * plan.taps];
-      const uint8_t* p = in + std::ptrdiff_t(plan.first[j]) * 3;
-      const int n = plan.count[j];
-      int32_t r = fixed_rounding_bias(), g = r, b = r;
-      for (int t = 0; t < n; ++t) {
-        r += p[3 * t] * k[t];
-        g += p[3 * t + 1] * k[t];
-        b += p[3 * t + 2] * k[t];
-      }
-      out[3 * j] = fixed_to_u8(r);
-      out[3 * j + 1] = fixed_to_u8(g);
-      out[3 * j + 2] = fixed_to_u8(b);
+  const __m128i bias = _mm_set1_epi32(fixed_rounding_bias());
+  for (int j = 0; j < out_width; ++j) {
+    const int32_t* k = &plan.weights[std::size_t(j) * Taps];
+    const uint8_t* p = strip + std::ptrdiff_t(plan.first[j] - begin) * 3;
+    __m128i acc = bias;
+    for (int t = 0; t < Taps; ++t) {
+      int32_t pixel;
+      std::memcpy(&pixel, p + 3 * t, 4);
+      const __m128i v = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(pixel));
+      acc = _mm_add_epi32(acc, _mm_mullo_epi32(v, _mm_set1_epi32(k[t])));
     }
-    out += std::ptrdiff_t(out_width) * 3;
+    acc = _mm_srai_epi32(acc, kPrecisionBits);
+    const __m128i packed = _mm_packus_epi16(_mm_packs_epi32(acc, acc), _mm_setzero_si128());
+    const int32_t rgbx = _mm_cvtsi128_si32(packed);
+    std::memcpy(out + 3 * j, &rgbx, 4);  // the 4th byte is overwritten by the next pixel (or slack)
+  }
+}
+#else
+template <int Taps>
+void horizontal_fixed(const uint8_t* strip, const AxisPlan& plan, int begin, uint8_t* out) {
+  const int out_width = int(plan.first.size());
+  for (int j = 0; j < out_width; ++j) {
+    const int32_t* k = &plan.weights[std::size_t(j) * Taps];
+    const uint8_t* p = strip + std::ptrdiff_t(plan.first[j] - begin) * 3;
+    int32_t r = fixed_rounding_bias(), g = r, b = r;
+    for (int t = 0; t < Taps; ++t) {
+      r += p[3 * t] * k[t];
+      g += p[3 * t + 1] * k[t];
+      b += p[3 * t + 2] * k[t];
+    }
+    out[3 * j] = fixed_to_u8(r);
+    out[3 * j + 1] = fixed_to_u8(g);
+    out[3 * j + 2] = fixed_to_u8(b);
+  }
+}
+#endif
+
+void horizontal_any(const uint8_t* strip, const AxisPlan& plan, int begin, uint8_t* out) {
+  const int out_width = int(plan.first.size());
+  for (int j = 0; j < out_width; ++j) {
+    const int32_t* k = &plan.weights[std::size_t(j) * plan.taps];
+    const uint8_t* p = strip + std::ptrdiff_t(plan.first[j] - begin) * 3;
+    const int n = plan.count[j];
+    int32_t r = fixed_rounding_bias(), g = r, b = r;
+    for (int t = 0; t < n; ++t) {
+      r += p[3 * t] * k[t];
+      g += p[3 * t + 1] * k[t];
+      b += p[3 * t + 2] * k[t];
+    }
+    out[3 * j] = fixed_to_u8(r);
+    out[3 * j + 1] = fixed_to_u8(g);
+    out[3 * j + 2] = fixed_to_u8(b);
   }
 }
 
-void resample_row_vertically(const uint8_t* rows, int row_length, const AxisPlan& plan, int index,
-                             int32_t* accumulator, uint8_t* out) {
-  const int32_t* k = &plan.weights[std::size_t(index) * plan.taps];
-  const uint8_t* first = rows + std::ptrdiff_t(plan.first[index] - plan.input_begin) * row_length;
-  const int n = plan.count[index];
-  std::fill(accumulator, accumulator + row_length, fixed_rounding_bias());
-  for (int t = 0; t < n; ++t) {
-    const uint8_t* in = first + std::ptrdiff_t(t) * row_length;
-    const int32_t w = k[t];
-    for (int x = 0; x < row_length; ++x) accumulator[x] += in[x] * w;
+}  // namespace
+
+void resample_row_horizontally(const uint8_t* strip, const AxisPlan& plan, uint8_t* out) {
+  const int begin = plan.input_begin;
+  switch (plan.taps) {
+    case 3: return horizontal_fixed<3>(strip, plan, begin, out);
+    case 5: return horizontal_fixed<5>(strip, plan, begin, out);
+    case 7: return horizontal_fixed<7>(strip, plan, begin, out);
+    case 9: return horizontal_fixed<9>(strip, plan, begin, out);
+    case 11: return horizontal_fixed<11>(strip, plan, begin, out);
+    default: return horizontal_any(strip, plan, begin, out);
   }
-  for (int x = 0; x < row_length; ++x) out[x] = fixed_to_u8(accumulator[x]);
 }
 
 }  // namespace speciesclf

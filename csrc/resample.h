@@ -1,6 +1,7 @@
 // Antialiased resize of exactly the pixels a crop keeps, in one pass over the source rows.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -36,35 +37,35 @@ struct ResizeCrop {
 
 struct ResampleScratch {
   AxisPlan horizontal, vertical;
-  ScratchBuffer rows;         // horizontally resampled source rows
+  ScratchBuffer column_strip;       // one output row after the vertical pass, over the needed columns
   std::vector<int32_t> accumulator;
 };
 
-// Calls sink(row_index, rgb_row) for each of the out_height rows of out_width RGB pixels.
+// The vertical pass first: it runs over contiguous bytes and vectorises, and the horizontal pass then
+// touches only the rows the crop keeps. Each output row is finished before the next one starts, so the
+// working set is two rows. Calls sink(row_index, rgb_row) for each of the out_height rows.
 template <class RowSink>
 void resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& scratch, RowSink&& sink);
 
-// Exposed for the template below.
-void resample_rows_horizontally(const RgbView& src, const AxisPlan& plan, int row_begin, int row_end,
-                                uint8_t* out);
-void resample_row_vertically(const uint8_t* rows, int row_length, const AxisPlan& plan, int index,
-                             int32_t* accumulator, uint8_t* out);
+void resample_column_strip(const RgbView& src, const AxisPlan& vertical, int index, int column_begin,
+                           int column_end, int32_t* accumulator, uint8_t* out);
+void resample_row_horizontally(const uint8_t* strip, const AxisPlan& horizontal, uint8_t* out);
 
 template <class RowSink>
 void resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& s, RowSink&& sink) {
   plan_axis(s.horizontal, rc.filter, rc.box[0], rc.box[2], src.width, rc.resized_width, rc.crop_x, rc.out_width);
   plan_axis(s.vertical, rc.filter, rc.box[1], rc.box[3], src.height, rc.resized_height, rc.crop_y, rc.out_height);
-  const int row_length = rc.out_width * 3;
-  const int row_begin = s.vertical.input_begin, row_end = s.vertical.input_end;
-  const std::size_t source_rows = std::size_t(row_end - row_begin);
-  // One more row past the resampled source rows stages each output row.
-  uint8_t* rows = s.rows.reserve((source_rows + 1) * row_length);
-  uint8_t* staging = rows + source_rows * row_length;
-  resample_rows_horizontally(src, s.horizontal, row_begin, row_end, rows);
-  if (s.accumulator.size() < std::size_t(row_length)) s.accumulator.resize(row_length);
+  const int column_begin = s.horizontal.input_begin, column_end = s.horizontal.input_end;
+  const std::size_t strip_bytes = std::size_t(column_end - column_begin) * 3;
+  // The horizontal kernel reads a fixed number of taps; the zero padding covers reads past the end.
+  uint8_t* strip = s.column_strip.reserve(strip_bytes + std::size_t(s.horizontal.taps) * 3 + std::size_t(rc.out_width) * 3 + 4);  // +4: 4-byte stores
+  std::fill(strip + strip_bytes, strip + strip_bytes + std::size_t(s.horizontal.taps) * 3, uint8_t(0));
+  uint8_t* row = strip + strip_bytes + std::size_t(s.horizontal.taps) * 3;
+  if (s.accumulator.size() < strip_bytes) s.accumulator.resize(strip_bytes);
   for (int i = 0; i < rc.out_height; ++i) {
-    resample_row_vertically(rows, row_length, s.vertical, i, s.accumulator.data(), staging);
-    sink(i, staging);
+    resample_column_strip(src, s.vertical, i, column_begin, column_end, s.accumulator.data(), strip);
+    resample_row_horizontally(strip, s.horizontal, row);
+    sink(i, static_cast<const uint8_t*>(row));
   }
 }
 
