@@ -18,7 +18,10 @@ struct StoredSize {
 #if SPECIESCLF_HAVE_JPEG
 StoredSize jpeg_read_size(const uint8_t* data, std::size_t size);
 // scale_denom is 1, 2, 4 or 8: libjpeg-turbo's reduced-size DCT, so we never pay for discarded pixels.
-RgbView jpeg_decode(const uint8_t* data, std::size_t size, int scale_denom, ScratchBuffer& buffer);
+// With `needed`, only that region (of the scaled image, plus a margin) goes through IDCT and colour
+// conversion; the rest is entropy-decoded and skipped.
+RgbView jpeg_decode(const uint8_t* data, std::size_t size, int scale_denom, const Region* needed,
+                    ScratchBuffer& buffer);
 #endif
 
 #if SPECIESCLF_HAVE_PNG

@@ -60,12 +60,22 @@ int reduction_for(const Probe& probe, int min_width, int min_height, double marg
   return 1;
 }
 
+void upright_decoded_size(const Probe& probe, int reduction, int* width, int* height) {
+  const int w = (probe.stored_width + reduction - 1) / reduction;
+  const int h = (probe.stored_height + reduction - 1) / reduction;
+  *width = probe.orientation >= 5 ? h : w;
+  *height = probe.orientation >= 5 ? w : h;
+}
+
 RgbView decode_upright(const Probe& probe, const uint8_t* data, std::size_t size, int reduction,
-                       ScratchBuffer& decoded, ScratchBuffer& oriented) {
+                       const Region* needed, ScratchBuffer& decoded, ScratchBuffer& oriented) {
   RgbView view;
   switch (probe.format) {
 #if SPECIESCLF_HAVE_JPEG
-    case Format::kJpeg: view = jpeg_decode(data, size, reduction, decoded); break;
+    case Format::kJpeg:
+      // Partial decoding only where stored and upright coordinates agree.
+      view = jpeg_decode(data, size, reduction, probe.orientation <= 1 ? needed : nullptr, decoded);
+      break;
 #endif
 #if SPECIESCLF_HAVE_PNG
     case Format::kPng: view = png_decode(data, size, decoded); break;
@@ -76,6 +86,7 @@ RgbView decode_upright(const Probe& probe, const uint8_t* data, std::size_t size
     default: fail(Status::kCodecUnavailable, std::string(format_name(probe.format)) + " is not decoded natively");
   }
   (void)reduction;
+  (void)needed;
   return orient(view, probe.orientation, oriented);
 }
 
@@ -98,7 +109,7 @@ RgbView orient(const RgbView& src, int orientation, ScratchBuffer& out) {
         case 7: sx = w - 1 - y; sy = h - 1 - x; break;  // transverse
         default: sx = w - 1 - y; sy = x; break;         // 8: rotate 90 counter-clockwise
       }
-      const uint8_t* p = src.data + std::ptrdiff_t(sy) * src.row_stride + std::ptrdiff_t(sx) * 3;
+      const uint8_t* p = src.pixel(sx, sy);
       row[3 * x] = p[0];
       row[3 * x + 1] = p[1];
       row[3 * x + 2] = p[2];

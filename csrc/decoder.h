@@ -33,9 +33,14 @@ Probe probe_image(const uint8_t* data, std::size_t size, const Limits& limits);
 // (or a zero size) means no reduction.
 int reduction_for(const Probe& probe, int min_width, int min_height, double margin);
 
-// Decodes and applies the orientation. The view lives in one of the two scratch buffers.
+// Size of the image decode_upright returns for this reduction (JPEG rounds the scaled size up).
+void upright_decoded_size(const Probe& probe, int reduction, int* width, int* height);
+
+// Decodes and applies the orientation. The view lives in one of the two scratch buffers. `needed`
+// (upright coordinates, may be null) is the only region the caller will read: a JPEG decoder then
+// skips most of the work for the rest. The returned view may hold just that region (see RgbView).
 RgbView decode_upright(const Probe& probe, const uint8_t* data, std::size_t size, int reduction,
-                       ScratchBuffer& decoded, ScratchBuffer& oriented);
+                       const Region* needed, ScratchBuffer& decoded, ScratchBuffer& oriented);
 
 // Applies EXIF orientation 1..8 the way PIL.ImageOps.exif_transpose does.
 RgbView orient(const RgbView& src, int orientation, ScratchBuffer& out);

@@ -156,7 +156,7 @@ py::tuple decode(const py::buffer& data, int min_width, int min_height, uint64_t
     try {
       const Probe probe = probe_image(bytes, size, Limits{max_pixels, max_bytes});
       const int reduction = reduction_for(probe, min_width, min_height, 1.0);
-      view = decode_upright(probe, bytes, size, reduction, decoded, oriented);
+      view = decode_upright(probe, bytes, size, reduction, /*needed=*/nullptr, decoded, oriented);
     } catch (const ImageFailure& f) {
       status = f.status();
       message = f.what();
@@ -169,7 +169,7 @@ py::tuple decode(const py::buffer& data, int min_width, int min_height, uint64_t
   py::array_t<uint8_t> array({view.height, view.width, 3});
   uint8_t* dst = array.mutable_data();
   for (int y = 0; y < view.height; ++y)
-    std::memcpy(dst + std::size_t(y) * view.width * 3, view.data + std::ptrdiff_t(y) * view.row_stride,
+    std::memcpy(dst + std::size_t(y) * view.width * 3, view.pixel(0, y),
                 std::size_t(view.width) * 3);
   return py::make_tuple(0, std::string(), array);
 }
@@ -177,7 +177,7 @@ py::tuple decode(const py::buffer& data, int min_width, int min_height, uint64_t
 py::dict build_info() {
   py::dict codecs;
 #if SPECIESCLF_HAVE_JPEG
-  codecs["jpeg"] = "libjpeg-turbo " SPECIESCLF_TURBOJPEG_VERSION;
+  codecs["jpeg"] = "libjpeg-turbo " SPECIESCLF_JPEG_VERSION;
 #endif
 #if SPECIESCLF_HAVE_PNG
   codecs["png"] = "libspng " SPECIESCLF_SPNG_VERSION;

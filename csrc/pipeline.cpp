@@ -157,30 +157,38 @@ Status Preprocessor::run(const Item& item, uint8_t* slot, std::string* message) 
   WorkerScratch& s = worker_scratch();
   Status status = Status::kOk;
   try {
-    RgbView src;
     ResizeCrop rc;
-    Geometry g;
+    rc.out_width = rc.out_height = spec_.size;
+    rc.filter = spec_.filter;
+    const auto set_geometry = [&](const Geometry& g) {
+      rc.resized_width = g.resized_width;
+      rc.resized_height = g.resized_height;
+      rc.crop_x = g.crop_x;
+      rc.crop_y = g.crop_y;
+    };
+    RgbView src;
     if (item.pixels) {
       src = pixels_as_rgb(item, s.converted);
-      g = plan_geometry(src.width, src.height, spec_.size, spec_.resize);
+      set_geometry(plan_geometry(src.width, src.height, spec_.size, spec_.resize));
       rc.box[0] = rc.box[1] = 0.0;
       rc.box[2] = src.width;
       rc.box[3] = src.height;
+      plan_resize_crop(src.width, src.height, rc, s.resample);
     } else {
       const Probe probe = probe_image(item.data, item.size, spec_.limits);
-      g = plan_geometry(probe.upright_width(), probe.upright_height(), spec_.size, spec_.resize);
+      const Geometry g = plan_geometry(probe.upright_width(), probe.upright_height(), spec_.size, spec_.resize);
+      set_geometry(g);
       const int reduction = reduction_for(probe, g.resized_width, g.resized_height, spec_.reduce_margin);
-      src = decode_upright(probe, item.data, item.size, reduction, s.decoded, s.oriented);
+      int width, height;  // upright, after the DCT reduction
+      upright_decoded_size(probe, reduction, &width, &height);
       const bool swap = probe.orientation >= 5;
-      upright_box(probe, reduction, swap ? src.height : src.width, swap ? src.width : src.height, rc.box);
+      upright_box(probe, reduction, swap ? height : width, swap ? width : height, rc.box);
+      const Region needed = plan_resize_crop(width, height, rc, s.resample);
+      src = decode_upright(probe, item.data, item.size, reduction, &needed, s.decoded, s.oriented);
+      if (src.width != width || src.height != height)
+        fail(Status::kDecodeError, "decoded size differs from the header's");
     }
-    rc.resized_width = g.resized_width;
-    rc.resized_height = g.resized_height;
-    rc.crop_x = g.crop_x;
-    rc.crop_y = g.crop_y;
-    rc.out_width = rc.out_height = spec_.size;
-    rc.filter = spec_.filter;
-    resize_crop(src, rc, s.resample, [&](int row, const uint8_t* rgb) { write_row(slot, row, rgb); });
+    run_resize_crop(src, rc, s.resample, [&](int row, const uint8_t* rgb) { write_row(slot, row, rgb); });
   } catch (const ImageFailure& failure) {
     status = failure.status();
     *message = failure.what();

@@ -44,11 +44,22 @@ void plan_axis(AxisPlan& plan, Filter filter, double in0, double in1, int in_siz
   if (plan.input_end < plan.input_begin) plan.input_end = plan.input_begin;
 }
 
+Region plan_resize_crop(int src_width, int src_height, const ResizeCrop& rc, ResampleScratch& s) {
+  plan_axis(s.horizontal, rc.filter, rc.box[0], rc.box[2], src_width, rc.resized_width, rc.crop_x, rc.out_width);
+  plan_axis(s.vertical, rc.filter, rc.box[1], rc.box[3], src_height, rc.resized_height, rc.crop_y, rc.out_height);
+  Region r;
+  r.x0 = s.horizontal.input_begin;
+  r.x1 = s.horizontal.input_end;
+  r.y0 = s.vertical.input_begin;
+  r.y1 = s.vertical.input_end;
+  return r;
+}
+
 void resample_column_strip(const RgbView& src, const AxisPlan& vertical, int index, int column_begin,
                            int column_end, int32_t* accumulator, uint8_t* out) {
   const int length = (column_end - column_begin) * 3;
   const int32_t* k = &vertical.weights[std::size_t(index) * vertical.taps];
-  const uint8_t* first = src.data + std::ptrdiff_t(vertical.first[index]) * src.row_stride + column_begin * 3;
+  const uint8_t* first = src.pixel(column_begin, vertical.first[index]);
   const int n = vertical.count[index];
   std::fill(accumulator, accumulator + length, fixed_rounding_bias());
   for (int t = 0; t < n; ++t) {

@@ -41,26 +41,28 @@ struct ResampleScratch {
   std::vector<int32_t> accumulator;
 };
 
-// The vertical pass first: it runs over contiguous bytes and vectorises, and the horizontal pass then
-// touches only the rows the crop keeps. Each output row is finished before the next one starts, so the
-// working set is two rows. Calls sink(row_index, rgb_row) for each of the out_height rows.
+// Plans both axes for `rc` on a src_width x src_height source and returns the source region the crop
+// reads, so that a decoder can skip the rest.
+Region plan_resize_crop(int src_width, int src_height, const ResizeCrop& rc, ResampleScratch& scratch);
+
+// Runs the planned resize. The vertical pass goes first: it runs over contiguous bytes and vectorises,
+// and the horizontal pass then touches only the rows the crop keeps. Each output row is finished before
+// the next starts, so the working set is two rows. Calls sink(row_index, rgb_row) for each output row.
 template <class RowSink>
-void resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& scratch, RowSink&& sink);
+void run_resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& scratch, RowSink&& sink);
 
 void resample_column_strip(const RgbView& src, const AxisPlan& vertical, int index, int column_begin,
                            int column_end, int32_t* accumulator, uint8_t* out);
 void resample_row_horizontally(const uint8_t* strip, const AxisPlan& horizontal, uint8_t* out);
 
 template <class RowSink>
-void resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& s, RowSink&& sink) {
-  plan_axis(s.horizontal, rc.filter, rc.box[0], rc.box[2], src.width, rc.resized_width, rc.crop_x, rc.out_width);
-  plan_axis(s.vertical, rc.filter, rc.box[1], rc.box[3], src.height, rc.resized_height, rc.crop_y, rc.out_height);
+void run_resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& s, RowSink&& sink) {
   const int column_begin = s.horizontal.input_begin, column_end = s.horizontal.input_end;
   const std::size_t strip_bytes = std::size_t(column_end - column_begin) * 3;
-  // The horizontal kernel reads a fixed number of taps; the zero padding covers reads past the end.
-  uint8_t* strip = s.column_strip.reserve(strip_bytes + std::size_t(s.horizontal.taps) * 3 + std::size_t(rc.out_width) * 3 + 4);  // +4: 4-byte stores
-  std::fill(strip + strip_bytes, strip + strip_bytes + std::size_t(s.horizontal.taps) * 3, uint8_t(0));
-  uint8_t* row = strip + strip_bytes + std::size_t(s.horizontal.taps) * 3;
+  const std::size_t padding = std::size_t(s.horizontal.taps) * 3;  // fixed-tap reads past the end see zeros
+  uint8_t* strip = s.column_strip.reserve(strip_bytes + padding + std::size_t(rc.out_width) * 3 + 4);
+  std::fill(strip + strip_bytes, strip + strip_bytes + padding, uint8_t(0));
+  uint8_t* row = strip + strip_bytes + padding;  // +4 above: the kernels store 4 bytes per pixel
   if (s.accumulator.size() < strip_bytes) s.accumulator.resize(strip_bytes);
   for (int i = 0; i < rc.out_height; ++i) {
     resample_column_strip(src, s.vertical, i, column_begin, column_end, s.accumulator.data(), strip);

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # System codecs for the native core (Debian package names). Without them the build still works and
 # Pillow decodes what is missing.
-packages=(pkg-config libturbojpeg0-dev libspng-dev libwebp-dev)
+packages=(pkg-config libjpeg62-turbo-dev libspng-dev libwebp-dev)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,0 +1,762 @@
+#!/usr/bin/env python3
+"""Preprocessing throughput: speciesclf's native core against its Python twin, the torchvision recipe and
+a libjpeg-turbo decode-only floor, all measured in the same run.
+
+Every method turns encoded JPEG bytes held in memory into model input (resize shorter side 256, center
+crop 224, ImageNet normalisation, float32 NCHW), except the decode-only floors, which only decode at full
+size. File reading is never timed.
+
+Methods (each at 1 thread and at all cores):
+  native            speciesclf.preprocess_batch(..., backend="native", out=preallocated)
+  python            speciesclf.preprocess_batch(..., backend="python", out=preallocated)
+  pillow-reference  torchvision's Resize(256) / CenterCrop(224) / ToTensor / Normalize written out with
+                    Pillow + torch ops, one image at a time (ThreadPoolExecutor(T) for T > 1), stacked into
+                    a preallocated batch tensor
+  decode-only (simplejpeg)        simplejpeg.decode_jpeg(b, colorspace="RGB"), full size
+  decode-only (speciesclf.decode) speciesclf.decode(b, backend="native"), full size
+  simplejpeg+opencv full-size simplejpeg decode, cv2.resize(INTER_AREA) to shorter side 256, crop,
+                    NumPy float32 normalisation
+
+torch and OpenCV are limited to one intra-op thread (torch.set_num_threads(1), cv2.setNumThreads(1)), as in
+a DataLoader worker, so that "1 thread" means one core for every method; with T threads the per-image
+methods run on a ThreadPoolExecutor(T) (Pillow, simplejpeg, OpenCV and speciesclf.decode release the GIL).
+
+Data sets:
+  shared photos  $SPECIESCLF_SHARED/images/imagenet-samples/*.JPEG (default ../shared from the repo root)
+  12 MP          --n12mp of those photos (a fixed pseudo-random choice), center-cropped to 4:3, upscaled to
+                 4032x3024 with Pillow's bicubic filter and saved as JPEG quality 90; cached in
+                 benchmarks/_data/ (git-ignored)
+
+Each measurement is repeated (--repeats, --repeats-12mp) with the methods interleaved round-robin inside
+each repeat, so that a burst of load from elsewhere on the machine hits every method alike; the table
+reports the median. Every method is warmed up once (one call over the first --warmup-items images) before
+timing. This machine may be shared (builds, test runs): before each round the script waits, within
+--max-wait seconds in all, until other processes use less than --idle-threshold cores, and it reports the
+CPU other processes used during each round (from /proc/stat) next to the table.
+
+    python3 benchmarks/preprocess.py                    # full run, ~4 min on 2 cores
+    python3 benchmarks/preprocess.py --quick            # ~30 s smoke run
+    python3 benchmarks/preprocess.py --write-results    # also append a section to benchmarks/RESULTS.md
+    python3 benchmarks/preprocess.py --json out.json    # also dump the raw numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import importlib
+import io
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "RESULTS.md"
+DATA_DIR = HERE / "_data"
+
+SIZE, RESIZE = 224, 256
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+W12, H12, Q12 = 4032, 3024, 90
+
+RESULTS_HEADER = """# Benchmark results
+
+Each section is one run of one benchmark script, appended by its `--write-results` option and never
+edited afterwards. A section gives the date, the machine (CPU model from `lscpu`, the cores the process
+may use), the exact command, the build that was measured, the table of median throughputs and the ratios
+or target checks the benchmark defines. Compare numbers only within a section or across sections from the
+same machine.
+"""
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def import_speciesclf(attempts: int = 10, delay: float = 3.0):
+    """Imports speciesclf with its native extension, retrying while a reinstall may be in progress."""
+    error: BaseException | None = None
+    for attempt in range(attempts):
+        try:
+            module = importlib.import_module("speciesclf")
+            backend = importlib.import_module("speciesclf._backend")
+            if backend.native_available():
+                return module
+            error = backend.NATIVE_IMPORT_ERROR
+        except Exception as e:  # a half-written install: retry
+            error = e
+        for name in [n for n in sys.modules if n == "speciesclf" or n.startswith("speciesclf.")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        if attempt + 1 < attempts:
+            print(f"[bench] speciesclf (native) not importable ({error}); retrying in {delay:.0f} s", file=sys.stderr)
+            time.sleep(delay)
+    raise SystemExit(f"speciesclf with its native extension could not be imported: {error}")
+
+
+def optional_import(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except Exception:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "csrc", "python", "CMakeLists.txt", "pyproject.toml"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        text = rev.stdout.strip() or "unknown"
+        return text + ("+uncommitted changes in csrc/python/build files" if dirty.stdout.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def machine_info(speciesclf, modules: dict[str, Any]) -> dict:
+    native = importlib.import_module("speciesclf._native")
+    so = Path(native.__file__)
+    info = speciesclf.info()
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "pillow": Image.__version__}
+    for name, module in modules.items():
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "speciesclf": info.get("version"),
+        "codecs": info.get("codecs"),
+        "simd": info.get("simd"),
+        "compiler": info.get("compiler"),
+        "native_so": str(so),
+        "native_so_mtime": _dt.datetime.fromtimestamp(so.stat().st_mtime).isoformat(timespec="seconds"),
+        "repo_revision": git_revision(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ data sets
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("SPECIESCLF_SHARED", str(REPO.parent / "shared"))).resolve()
+
+
+def shared_photo_paths() -> list[Path]:
+    folder = shared_dir() / "images" / "imagenet-samples"
+    paths = sorted(Path(p) for p in glob.glob(str(folder / "*.JPEG")))
+    if not paths:
+        raise SystemExit(f"no *.JPEG under {folder}; set SPECIESCLF_SHARED")
+    return paths
+
+
+def source_megapixels(datas: list[bytes]) -> list[float]:
+    sizes = []
+    for b in datas:
+        with Image.open(io.BytesIO(b)) as im:  # reads the header only
+            sizes.append(im.size[0] * im.size[1] / 1e6)
+    return sizes
+
+
+def make_12mp(paths: list[Path], n: int, log: Callable[[str], None]) -> list[Path]:
+    """The first n of a fixed shuffle of the photos, as cached 4032x3024 quality-90 JPEGs."""
+    order = list(paths)
+    random.Random(0).shuffle(order)
+    chosen = order[: min(n, len(order))]
+    folder = DATA_DIR / f"12mp_{W12}x{H12}_q{Q12}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out, made, t0 = [], 0, time.perf_counter()
+    for src in chosen:
+        dst = folder / (src.stem + ".jpg")
+        if not dst.exists():
+            with Image.open(src) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                # center-crop to 4:3 so the upscale does not distort, then bicubic to 4032x3024
+                if w * 3 > h * 4:
+                    cw, ch = h * 4 // 3, h
+                else:
+                    cw, ch = w, w * 3 // 4
+                left, top = (w - cw) // 2, (h - ch) // 2
+                big = im.resize((W12, H12), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+            tmp = dst.with_suffix(".tmp")
+            big.save(tmp, format="JPEG", quality=Q12)
+            tmp.replace(dst)
+            made += 1
+        out.append(dst)
+    if made:
+        log(f"[bench] generated {made} 12 MP images in {time.perf_counter() - t0:.1f} s under {folder}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+def torchvision_geometry(w: int, h: int) -> tuple[int, int, int, int]:
+    """torchvision Resize(256) (shorter side) + CenterCrop(224): (new_w, new_h, left, top)."""
+    if w <= h:
+        nw, nh = RESIZE, int(RESIZE * h / w)
+    else:
+        nw, nh = int(RESIZE * w / h), RESIZE
+    return nw, nh, int(round((nw - SIZE) / 2.0)), int(round((nh - SIZE) / 2.0))
+
+
+class Methods:
+    """Builds one callable per (method, threads): run(datas) processes the whole list once."""
+
+    def __init__(self, speciesclf, torch, simplejpeg, cv2, max_threads: int, n_max: int):
+        self.scl = speciesclf
+        self.torch = torch
+        self.simplejpeg = simplejpeg
+        self.cv2 = cv2
+        self.spec = speciesclf.PreprocessSpec()
+        self.pools = {t: ThreadPoolExecutor(t, thread_name_prefix=f"bench{t}") for t in range(2, max_threads + 1)}
+        # preallocated, touched output buffers (one per method so outputs can be compared afterwards)
+        self.out_native = np.empty((n_max, 3, SIZE, SIZE), np.float32)
+        self.out_python = np.empty((n_max, 3, SIZE, SIZE), np.float32)
+        self.out_cv2 = np.empty((n_max, 3, SIZE, SIZE), np.float32)
+        for a in (self.out_native, self.out_python, self.out_cv2):
+            a.fill(0)
+        self.out_ref = torch.zeros((n_max, 3, SIZE, SIZE), dtype=torch.float32) if torch is not None else None
+        if torch is not None:
+            self.t_mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
+            self.t_std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+        self.np_mean = np.asarray(MEAN, np.float32)
+        self.np_std = np.asarray(STD, np.float32)
+        self.np_scale = (np.float32(1.0 / 255.0) / self.np_std).astype(np.float32)  # x/255/std
+        self.np_shift = (self.np_mean / self.np_std).astype(np.float32)
+
+    def _map(self, fn, datas, threads):
+        if threads == 1:
+            return [fn(x) for x in datas]
+        return list(self.pools[threads].map(fn, datas))
+
+    def available(self) -> list[str]:
+        names = ["native", "python"]
+        if self.torch is not None:
+            names.append("pillow-reference")
+        if self.simplejpeg is not None:
+            names.append("decode-only (simplejpeg)")
+        names.append("decode-only (speciesclf.decode)")
+        if self.simplejpeg is not None and self.cv2 is not None:
+            names.append("simplejpeg+opencv")
+        return names
+
+    def runner(self, name: str, threads: int) -> Callable[[list[bytes]], None]:
+        scl, spec = self.scl, self.spec
+        if name == "native":
+            out = self.out_native
+
+            def run(datas):
+                scl.preprocess_batch(datas, spec, threads=threads, backend="native", out=out[: len(datas)])
+
+            return run
+        if name == "python":
+            out = self.out_python
+
+            def run(datas):
+                scl.preprocess_batch(datas, spec, threads=threads, backend="python", out=out[: len(datas)])
+
+            return run
+        if name == "pillow-reference":
+            torch, mean, std, out = self.torch, self.t_mean, self.t_std, self.out_ref
+
+            def one(b):
+                img = Image.open(io.BytesIO(b)).convert("RGB")
+                nw, nh, left, top = torchvision_geometry(*img.size)
+                img = img.resize((nw, nh), Image.BILINEAR)
+                img = img.crop((left, top, left + SIZE, top + SIZE))
+                t = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous().float().div(255)
+                return t.sub_(mean).div_(std)
+
+            def run(datas):
+                torch.stack(self._map(one, datas, threads), out=out[: len(datas)])
+
+            return run
+        if name == "decode-only (simplejpeg)":
+            sj = self.simplejpeg
+
+            def one(b):
+                sj.decode_jpeg(b, colorspace="RGB")
+
+            return lambda datas: self._map(one, datas, threads)
+        if name == "decode-only (speciesclf.decode)":
+
+            def one(b):
+                scl.decode(b, backend="native")
+
+            return lambda datas: self._map(one, datas, threads)
+        if name == "simplejpeg+opencv":
+            sj, cv2, out = self.simplejpeg, self.cv2, self.out_cv2
+            scale, shift = self.np_scale, self.np_shift
+
+            def one(item):
+                i, b = item
+                img = sj.decode_jpeg(b, colorspace="RGB")
+                h, w = img.shape[:2]
+                nw, nh, left, top = torchvision_geometry(w, h)
+                img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+                crop = img[top : top + SIZE, left : left + SIZE]
+                x = crop.astype(np.float32)
+                x *= scale
+                x -= shift
+                out[i] = x.transpose(2, 0, 1)
+
+            return lambda datas: self._map(one, list(enumerate(datas)), threads)
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class ForeignLoad:
+    """CPU used by other processes (in cores) between two samples: /proc/stat busy time minus our own."""
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.ok = os.path.exists("/proc/stat")
+
+    def sample(self) -> tuple[float, float, float]:
+        busy = 0.0
+        if self.ok:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+            # user nice system idle iowait irq softirq steal: everything but idle and iowait is taken
+            busy = (sum(fields[:8]) - fields[3] - fields[4]) / self.tick
+        own = os.times()
+        return time.perf_counter(), busy, own.user + own.system
+
+    @staticmethod
+    def cores(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+        wall = b[0] - a[0]
+        return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall) if wall > 0 else 0.0
+
+    def wait_idle(self, budget: list[float], threshold: float, log: Callable[[str], None]) -> None:
+        """Waits (spending from budget[0] seconds) until other processes use < threshold cores."""
+        if not self.ok or budget[0] <= 0:
+            return
+        t0, announced = time.perf_counter(), False
+        while budget[0] > 0:
+            a = self.sample()
+            time.sleep(0.5)
+            load = self.cores(a, self.sample())
+            if load < threshold:
+                break
+            if not announced:
+                log(f"[bench] other processes use {load:.2f} cores; waiting for the machine to go quiet")
+                announced = True
+            budget[0] -= time.perf_counter() - a[0]
+        if announced:
+            log(f"[bench] waited {time.perf_counter() - t0:.1f} s (wait budget left {max(0.0, budget[0]):.0f} s)")
+
+
+def measure(
+    methods: Methods,
+    names: list[str],
+    datas: list[bytes],
+    threads: int,
+    repeats: int,
+    warmup_items: int,
+    load: ForeignLoad,
+    wait: Callable[[], None],
+):
+    """({name: [seconds per repeat]}, [other processes' cores per round]); methods interleaved round-robin."""
+    runners = {name: methods.runner(name, threads) for name in names}
+    warm = datas[: max(1, min(warmup_items, len(datas)))]
+    for run in runners.values():
+        run(warm)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    foreign: list[float] = []
+    for _ in range(repeats):
+        wait()
+        a = load.sample()
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run(datas)
+            times[name].append(time.perf_counter() - t0)
+        foreign.append(load.cores(a, load.sample()))
+    return times, foreign
+
+
+def parity(methods: Methods, datas: list[bytes]) -> dict:
+    """Mean / max |method - pillow-reference| in 1/255 pixel units, on outputs of one fresh pass."""
+    if methods.torch is None:
+        return {}
+    n = len(datas)
+    methods.runner("pillow-reference", 1)(datas)
+    ref = methods.out_ref[:n].numpy()
+    std = np.asarray(STD, np.float32).reshape(1, 3, 1, 1) * 255.0
+    result = {}
+    for name, arr in (("native", methods.out_native), ("python", methods.out_python), ("simplejpeg+opencv", methods.out_cv2)):
+        if name == "simplejpeg+opencv" and name not in methods.available():
+            continue
+        methods.runner(name, 1)(datas)
+        diff = np.abs(arr[:n] - ref) * std
+        result[name] = {"mean": float(diff.mean()), "max": float(diff.max())}
+    return result
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def summarize(times: list[float], n: int, mp: float) -> dict:
+    med = statistics.median(times)
+    return {
+        "times_s": times,
+        "median_s": med,
+        "img_per_s": n / med,
+        "mp_per_s": mp / med,
+        "spread_pct": 100.0 * (max(times) - min(times)) / med,
+    }
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}f}"
+
+
+def table(results: dict, names: list[str], thread_counts: list[int]) -> str:
+    lines = [
+        "| Data set | Method | Threads | Median s | img/s | MP/s | × pillow-ref | time ÷ decode-only (simplejpeg) | × 1 thread | spread |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for ds in results["datasets"]:
+        per_t = ds["results"]
+        for name in names:
+            for t in thread_counts:
+                r = per_t.get(str(t), {}).get(name)
+                if r is None:
+                    continue
+                ref = per_t[str(t)].get("pillow-reference")
+                dec = per_t[str(t)].get("decode-only (simplejpeg)")
+                one = per_t.get("1", {}).get(name)
+                vs_ref = r["img_per_s"] / ref["img_per_s"] if ref else None
+                vs_dec = r["median_s"] / dec["median_s"] if dec else None
+                scale = r["img_per_s"] / one["img_per_s"] if (one and t != 1) else None
+                lines.append(
+                    f"| {ds['label']} | {name} | {t} | {r['median_s']:.3f} | {fmt(r['img_per_s'], 1)} | "
+                    f"{fmt(r['mp_per_s'], 1)} | {fmt(vs_ref)} | {fmt(vs_dec)} | {fmt(scale)} | "
+                    f"{r['spread_pct']:.0f}% |"
+                )
+    return "\n".join(lines)
+
+
+def ratio(results: dict, key: str, t: int, name_a: str, name_b: str, what: str) -> float | None:
+    for ds in results["datasets"]:
+        if ds["key"] != key:
+            continue
+        a = ds["results"].get(str(t), {}).get(name_a)
+        b = ds["results"].get(str(t), {}).get(name_b)
+        if a is None or b is None:
+            return None
+        return a["img_per_s"] / b["img_per_s"] if what == "throughput" else a["median_s"] / b["median_s"]
+    return None
+
+
+def scaling(results: dict, key: str, name: str, t: int) -> float | None:
+    for ds in results["datasets"]:
+        if ds["key"] == key:
+            a, b = ds["results"].get(str(t), {}).get(name), ds["results"].get("1", {}).get(name)
+            if a and b:
+                return a["img_per_s"] / b["img_per_s"]
+    return None
+
+
+def ratio_lines(results: dict, thread_counts: list[int]) -> tuple[list[str], list[str], dict]:
+    """(informational ratio lines, target check lines, raw ratios)."""
+    multi = [t for t in thread_counts if t > 1]
+    raw: dict[str, float | None] = {}
+    info = []
+    for key, label in (("shared", "shared photos"), ("12mp", "12 MP")):
+        if not any(ds["key"] == key for ds in results["datasets"]):
+            continue
+        for t in thread_counts:
+            r1 = ratio(results, key, t, "native", "pillow-reference", "throughput")
+            r2 = ratio(results, key, t, "native", "decode-only (simplejpeg)", "time")
+            r3 = ratio(results, key, t, "native", "decode-only (speciesclf.decode)", "time")
+            r4 = ratio(results, key, t, "native", "python", "throughput")
+            raw[f"{key}/t{t}/native_vs_pillow_reference"] = r1
+            raw[f"{key}/t{t}/native_time_over_decode_simplejpeg"] = r2
+            raw[f"{key}/t{t}/native_time_over_decode_speciesclf"] = r3
+            raw[f"{key}/t{t}/native_vs_python"] = r4
+            info.append(
+                f"- {label}, {t} thread{'s' if t > 1 else ''}: native = {fmt(r1)}× pillow-reference, "
+                f"{fmt(r4)}× python backend; native time = {fmt(r2)}× decode-only (simplejpeg), "
+                f"{fmt(r3)}× decode-only (speciesclf.decode)"
+            )
+        for t in multi:
+            s = scaling(results, key, "native", t)
+            raw[f"{key}/native_scaling_t{t}"] = s
+            info.append(f"- {label}: native {t} threads = {fmt(s)}× native 1 thread")
+
+    def check(text: str, value: float | None, target: float, higher_is_better: bool) -> str:
+        if value is None:
+            return f"- {text}: not measured"
+        ok = value >= target if higher_is_better else value <= target
+        return f"- {text}: measured {value:.2f}× — {'PASS' if ok else 'MISS'}"
+
+    checks = [
+        check(
+            "native >= 2.5x pillow-reference (shared photos, 1 thread)",
+            raw.get("shared/t1/native_vs_pillow_reference"),
+            2.5,
+            True,
+        ),
+        check(
+            "native time <= 1.35x decode-only (shared photos, 1 thread)",
+            raw.get("shared/t1/native_time_over_decode_simplejpeg"),
+            1.35,
+            False,
+        ),
+        check("native >= 8x pillow-reference (12 MP, 1 thread)", raw.get("12mp/t1/native_vs_pillow_reference"), 8.0, True),
+    ]
+    if 2 in thread_counts:
+        checks.append(check("2 threads >= 1.8x 1 thread (native, shared photos)", raw.get("shared/native_scaling_t2"), 1.8, True))
+        if "12mp/native_scaling_t2" in raw:
+            checks.append(check("2 threads >= 1.8x 1 thread (native, 12 MP)", raw.get("12mp/native_scaling_t2"), 1.8, True))
+    else:
+        checks.append("- 2 threads >= 1.8x 1 thread: not measured (fewer than 2 usable cores)")
+    return info, checks, raw
+
+
+def render(results: dict, names: list[str], thread_counts: list[int], info: list[str], checks: list[str]) -> str:
+    m = results["machine"]
+    ds_lines = [
+        f"- {ds['label']}: {ds['n']} images, {ds['megapixels']:.1f} MP in all, {ds['mean_kb']:.0f} KiB per file on "
+        f"average, {ds['description']}; "
+        f"{ds['repeats']} repeats"
+        for ds in results["datasets"]
+    ]
+    out = [*ds_lines, "", table(results, names, thread_counts), "", "Ratios (same run):", *info, "", "Target checks:", *checks]
+    par = results.get("parity") or {}
+    if par:
+        out += [
+            "",
+            "Output difference vs pillow-reference (mean / max, 1/255 pixel units, shared photos; the default spec's "
+            f"jpeg_reduce_margin={results['spec'].get('jpeg_reduce_margin')} lets native and python decode large "
+            "JPEGs at reduced scale, so they are close to, not bit-exact with, the reference):",
+        ]
+        out += [f"- {k}: {v['mean']:.3f} / {v['max']:.2f}" for k, v in par.items()]
+    worst = [
+        (ds["label"], t, max(v)) for ds in results["datasets"] for t, v in ds.get("foreign_cores", {}).items() if v
+    ]
+    busy = [f"{label} {t} thread(s): {x:.2f}" for label, t, x in worst if x >= 0.25]
+    out += [
+        "",
+        "CPU used by other processes during the timed rounds (cores, worst round): "
+        + ", ".join(f"{label} {t}T {x:.2f}" for label, t, x in worst)
+        + (f" — WARNING, the machine was not quiet ({'; '.join(busy)}): treat those rows with caution" if busy else ""),
+        f"Load average before / after: {results['loadavg_before']} / {results['loadavg_after']} "
+        f"({m['cores']} usable cores). Spread = (max - min) / median over the repeats.",
+    ]
+    return "\n".join(out)
+
+
+def write_results(results: dict, body: str) -> None:
+    m = results["machine"]
+    section = [
+        "",
+        f"## preprocess.py — preprocessing throughput — {results['date']}",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} usable cores ({m['platform']})",
+        f"- Command: `{results['command']}`",
+        f"- Build: speciesclf {m['speciesclf']} (repo {m['repo_revision']}; _native built {m['native_so_mtime']}), "
+        f"{m['compiler']}, SIMD {', '.join(m['simd'] or [])}, codecs {m['codecs']}",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"- Spec: speciesclf.PreprocessSpec() defaults ({results['spec']})",
+        "- Medians over the repeats, methods interleaved round-robin, one warm-up call each; encoded bytes in "
+        "memory; torch and OpenCV limited to 1 intra-op thread, T > 1 via ThreadPoolExecutor(T) for the "
+        "per-image methods. MP/s counts source-image megapixels.",
+        "",
+        body,
+        "",
+    ]
+    new = not RESULTS.exists()
+    with open(RESULTS, "a", encoding="utf-8") as f:
+        if new:
+            f.write(RESULTS_HEADER)
+        f.write("\n".join(section))
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=None, help="repeats per measurement, shared photos (default 5; --quick 2)")
+    p.add_argument("--repeats-12mp", type=int, default=None, help="repeats per measurement, 12 MP set (default 3; --quick 1)")
+    p.add_argument("--n12mp", type=int, default=None, help="photos in the 12 MP set (default 40; --quick 6)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N shared photos (default all; --quick 120)")
+    p.add_argument("--warmup-items", type=int, default=16, help="images in each method's warm-up call (default 16)")
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=None,
+        help="seconds in all to spend waiting, before each round, for other processes to use less than "
+        "--idle-threshold cores (default 60; --quick 10; 0 never waits)",
+    )
+    p.add_argument("--idle-threshold", type=float, default=0.25, help="cores (default 0.25)")
+    p.add_argument("--no-12mp", action="store_true", help="skip the 12 MP data set")
+    p.add_argument("--quick", action="store_true", help="a ~30 s smoke run with smaller sets and fewer repeats")
+    p.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
+    p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    repeats12 = args.repeats_12mp or (1 if args.quick else 3)
+    n12 = args.n12mp if args.n12mp is not None else (6 if args.quick else 40)
+    if args.max_wait is None:
+        args.max_wait = 10.0 if args.quick else 60.0
+    limit = args.limit if args.limit is not None else (120 if args.quick else None)
+    if min(repeats, repeats12) < 1 or n12 < 0:
+        p.error("repeats must be >= 1 and --n12mp >= 0")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t_start = time.perf_counter()
+    load_before = tuple(round(x, 2) for x in os.getloadavg())
+    scl = import_speciesclf()
+    torch = optional_import("torch")
+    simplejpeg = optional_import("simplejpeg")
+    cv2 = optional_import("cv2")
+    if torch is not None:
+        torch.set_num_threads(1)
+    else:
+        log("[bench] torch not importable: pillow-reference skipped")
+    if cv2 is not None:
+        cv2.setNumThreads(1)
+    if simplejpeg is None:
+        log("[bench] simplejpeg not importable: decode-only (simplejpeg) and simplejpeg+opencv skipped")
+    elif cv2 is None:
+        log("[bench] cv2 not importable: simplejpeg+opencv skipped")
+
+    cores = usable_cores()
+    thread_counts = sorted({1, cores} | ({2} if cores >= 2 else set()))
+
+    photos = shared_photo_paths()
+    if limit:
+        photos = photos[:limit]
+    shared = [path.read_bytes() for path in photos]
+    sets = [
+        {
+            "key": "shared",
+            "label": "shared photos",
+            "datas": shared,
+            "repeats": repeats,
+            "description": f"{shared_dir() / 'images' / 'imagenet-samples'}/*.JPEG"
+            + (f" (first {limit})" if limit else ""),
+        }
+    ]
+    if not args.no_12mp and n12 > 0:
+        big = [path.read_bytes() for path in make_12mp(shared_photo_paths(), n12, log)]
+        sets.append(
+            {
+                "key": "12mp",
+                "label": "12 MP",
+                "datas": big,
+                "repeats": repeats12,
+                "description": f"{W12}x{H12} JPEG q{Q12} (bicubic upscale of shared photos, cached in benchmarks/_data/)",
+            }
+        )
+
+    load = ForeignLoad()
+    budget = [float(args.max_wait)]
+
+    def wait() -> None:
+        load.wait_idle(budget, args.idle_threshold, log)
+
+    methods = Methods(scl, torch, simplejpeg, cv2, max(thread_counts), max(len(s["datas"]) for s in sets))
+    names = methods.available()
+    # fail early (and loudly) if an input does not go through the native path
+    check = scl.preprocess_batch(shared, methods.spec, threads=cores, backend="native", on_error="skip", out=methods.out_native[: len(shared)])
+    if not check.all_ok:
+        log(f"[bench] warning: native failed on {len(check.errors)} shared photos: {list(check.errors.items())[:3]}")
+
+    results: dict[str, Any] = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["python3", *map(shlex.quote, sys.argv if argv is None else [sys.argv[0], *argv])]),
+        "machine": machine_info(scl, {"torch": torch, "simplejpeg": simplejpeg, "opencv": cv2}),
+        "spec": {k: v for k, v in methods.spec.to_dict().items() if k not in ("max_pixels", "max_bytes")},
+        "thread_counts": thread_counts,
+        "methods": names,
+        "loadavg_before": load_before,
+        "datasets": [],
+    }
+    results["parity"] = parity(methods, shared)
+
+    for s in sets:
+        datas = s["datas"]
+        mps = source_megapixels(datas)
+        ds = {k: v for k, v in s.items() if k != "datas"}
+        ds.update(n=len(datas), megapixels=sum(mps), mean_kb=sum(map(len, datas)) / len(datas) / 1024, results={})
+        for t in thread_counts:
+            t0 = time.perf_counter()
+            times, foreign = measure(methods, names, datas, t, s["repeats"], args.warmup_items, load, wait)
+            ds["results"][str(t)] = {name: summarize(ts, len(datas), sum(mps)) for name, ts in times.items()}
+            ds.setdefault("foreign_cores", {})[str(t)] = foreign
+            log(
+                f"[bench] {s['label']}, {t} thread(s): {time.perf_counter() - t0:.1f} s; other processes used "
+                f"{', '.join(f'{x:.2f}' for x in foreign)} cores during the rounds"
+            )
+        results["datasets"].append(ds)
+
+    results["loadavg_after"] = tuple(round(x, 2) for x in os.getloadavg())
+    results["wall_s"] = time.perf_counter() - t_start
+    info, checks, raw = ratio_lines(results, thread_counts)
+    results["ratios"] = raw
+    results["checks"] = checks
+    body = render(results, names, thread_counts, info, checks)
+    print(body)
+    log(f"[bench] total {results['wall_s']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    if args.write_results:
+        write_results(results, body)
+        log(f"[bench] appended a section to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
