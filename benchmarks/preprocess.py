@@ -29,12 +29,25 @@ Data sets:
 
 Each measurement is repeated (--repeats, --repeats-12mp) with the methods interleaved round-robin inside
 each repeat, so that a burst of load from elsewhere on the machine hits every method alike; the table
-reports the median. Every method is warmed up once (one call over the first --warmup-items images) before
-timing. This machine may be shared (builds, test runs): before each round the script waits, within
---max-wait seconds in all, until other processes use less than --idle-threshold cores, and it reports the
-CPU other processes used during each round (from /proc/stat) next to the table.
+reports the median. Every method is warmed up once (one untimed pass over the whole set, or over the first
+--warmup-items images) before timing, in each process and at each thread count.
 
-    python3 benchmarks/preprocess.py                    # full run, ~4 min on 2 cores
+This machine may be shared (builds, test runs): before each round the script waits, within
+--max-wait seconds in all, until other processes use less than --idle-threshold cores, and it reports the
+CPU other processes used during each round (from /proc/stat) next to the table; a round during which they
+used more than --idle-threshold cores is left out of the medians and run again (at most --repeats extra
+rounds; --no-retry keeps every round). Minor page faults per image are reported too.
+
+pillow-reference is also timed alone in fresh child processes (skip with --no-fresh-reference): on 12 MP
+images Pillow allocates ~48 MB per decode, and whether glibc malloc hands back already-mapped memory or maps
+fresh pages (~24k page faults per image) depends on what the process did before, which the other methods
+change. The in-process row runs under the same conditions as every other row; "pillow-reference (fresh
+process)" is what a worker doing only that recipe pays with glibc's defaults; "pillow-reference (fresh,
+malloc tuned)" runs with MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=1 GiB, so the main
+arena keeps and reuses that memory (at 1 thread the reference's best case; worker threads' arenas still map
+fresh pages).
+
+    python3 benchmarks/preprocess.py                    # full run, ~2-3 min on 2 cores (plus waits)
     python3 benchmarks/preprocess.py --quick            # ~30 s smoke run
     python3 benchmarks/preprocess.py --write-results    # also append a section to benchmarks/RESULTS.md
     python3 benchmarks/preprocess.py --json out.json    # also dump the raw numbers
@@ -51,6 +64,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shlex
 import statistics
 import subprocess
@@ -246,12 +260,14 @@ class Methods:
         self.torch = torch
         self.simplejpeg = simplejpeg
         self.cv2 = cv2
-        self.spec = speciesclf.PreprocessSpec()
+        self.spec = speciesclf.PreprocessSpec() if speciesclf is not None else None
         self.pools = {t: ThreadPoolExecutor(t, thread_name_prefix=f"bench{t}") for t in range(2, max_threads + 1)}
-        # preallocated, touched output buffers (one per method so outputs can be compared afterwards)
-        self.out_native = np.empty((n_max, 3, SIZE, SIZE), np.float32)
-        self.out_python = np.empty((n_max, 3, SIZE, SIZE), np.float32)
-        self.out_cv2 = np.empty((n_max, 3, SIZE, SIZE), np.float32)
+        # preallocated, touched output buffers (one per method so outputs can be compared afterwards);
+        # a reference-only instance (the fresh-process child) allocates only the reference's
+        rows = n_max if speciesclf is not None else 0
+        self.out_native = np.empty((rows, 3, SIZE, SIZE), np.float32)
+        self.out_python = np.empty((rows, 3, SIZE, SIZE), np.float32)
+        self.out_cv2 = np.empty((rows if cv2 is not None else 0, 3, SIZE, SIZE), np.float32)
         for a in (self.out_native, self.out_python, self.out_cv2):
             a.fill(0)
         self.out_ref = torch.zeros((n_max, 3, SIZE, SIZE), dtype=torch.float32) if torch is not None else None
@@ -396,23 +412,33 @@ def measure(
     warmup_items: int,
     load: ForeignLoad,
     wait: Callable[[], None],
+    threshold: float,
+    extra_rounds: int,
 ):
-    """({name: [seconds per repeat]}, [other processes' cores per round]); methods interleaved round-robin."""
+    """Times every method over ``datas``, interleaved round-robin, until ``repeats`` rounds ran while other
+    processes used less than ``threshold`` cores (or ``extra_rounds`` more rounds were spent trying).
+
+    Returns (times {name: [s per round]}, minor page faults {name: [per image per round]}, [other processes'
+    cores per round]).
+    """
     runners = {name: methods.runner(name, threads) for name in names}
-    warm = datas[: max(1, min(warmup_items, len(datas)))]
+    warm = datas[:warmup_items] if warmup_items > 0 else datas
     for run in runners.values():
         run(warm)
     times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[float]] = {name: [] for name in names}
     foreign: list[float] = []
-    for _ in range(repeats):
+    while sum(x < threshold for x in foreign) < repeats and len(foreign) < repeats + extra_rounds:
         wait()
         a = load.sample()
         for name, run in runners.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             run(datas)
             times[name].append(time.perf_counter() - t0)
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / len(datas))
         foreign.append(load.cores(a, load.sample()))
-    return times, foreign
+    return times, faults, foreign
 
 
 def parity(methods: Methods, datas: list[bytes]) -> dict:
@@ -436,14 +462,20 @@ def parity(methods: Methods, datas: list[bytes]) -> dict:
 # --------------------------------------------------------------------------------------------- reporting
 
 
-def summarize(times: list[float], n: int, mp: float) -> dict:
-    med = statistics.median(times)
+def summarize(times: list[float], faults: list[float], foreign: list[float], threshold: float, n: int, mp: float) -> dict:
+    """Medians over the quiet rounds (all rounds if none was quiet); every round stays in the JSON."""
+    quiet = [i for i, x in enumerate(foreign) if x < threshold] or list(range(len(times)))
+    used = [times[i] for i in quiet]
+    med = statistics.median(used)
     return {
         "times_s": times,
+        "minor_faults_per_img": faults,
+        "rounds_used": quiet,
         "median_s": med,
         "img_per_s": n / med,
         "mp_per_s": mp / med,
-        "spread_pct": 100.0 * (max(times) - min(times)) / med,
+        "spread_pct": 100.0 * (max(used) - min(used)) / med,
+        "median_minor_faults_per_img": statistics.median(faults[i] for i in quiet),
     }
 
 
@@ -459,8 +491,8 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 def table(results: dict, names: list[str], thread_counts: list[int]) -> str:
     lines = [
-        "| Data set | Method | Threads | Median s | img/s | MP/s | × pillow-ref | time ÷ decode-only (simplejpeg) | × 1 thread | spread |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Data set | Method | Threads | Median s | img/s | MP/s | × pillow-ref | time ÷ decode-only (simplejpeg) | × 1 thread | spread | faults/img |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for ds in results["datasets"]:
         per_t = ds["results"]
@@ -478,7 +510,7 @@ def table(results: dict, names: list[str], thread_counts: list[int]) -> str:
                 lines.append(
                     f"| {ds['label']} | {name} | {t} | {r['median_s']:.3f} | {fmt(r['img_per_s'], 1)} | "
                     f"{fmt(r['mp_per_s'], 1)} | {fmt(vs_ref)} | {fmt(vs_dec)} | {fmt(scale)} | "
-                    f"{r['spread_pct']:.0f}% |"
+                    f"{r['spread_pct']:.0f}% | {r['median_minor_faults_per_img']:,.0f} |"
                 )
     return "\n".join(lines)
 
@@ -517,12 +549,18 @@ def ratio_lines(results: dict, thread_counts: list[int]) -> tuple[list[str], lis
             r2 = ratio(results, key, t, "native", "decode-only (simplejpeg)", "time")
             r3 = ratio(results, key, t, "native", "decode-only (speciesclf.decode)", "time")
             r4 = ratio(results, key, t, "native", "python", "throughput")
+            r5 = ratio(results, key, t, "native", FRESH_REFERENCE, "throughput")
+            r6 = ratio(results, key, t, "native", TUNED_REFERENCE, "throughput")
             raw[f"{key}/t{t}/native_vs_pillow_reference"] = r1
+            raw[f"{key}/t{t}/native_vs_pillow_reference_fresh_process"] = r5
+            raw[f"{key}/t{t}/native_vs_pillow_reference_fresh_malloc_tuned"] = r6
             raw[f"{key}/t{t}/native_time_over_decode_simplejpeg"] = r2
             raw[f"{key}/t{t}/native_time_over_decode_speciesclf"] = r3
             raw[f"{key}/t{t}/native_vs_python"] = r4
             info.append(
-                f"- {label}, {t} thread{'s' if t > 1 else ''}: native = {fmt(r1)}× pillow-reference, "
+                f"- {label}, {t} thread{'s' if t > 1 else ''}: native = {fmt(r1)}× pillow-reference"
+                + (f" ({fmt(r5)}× in a fresh process, {fmt(r6)}× fresh with malloc tuned)" if r5 is not None else "")
+                + ", "
                 f"{fmt(r4)}× python backend; native time = {fmt(r2)}× decode-only (simplejpeg), "
                 f"{fmt(r3)}× decode-only (speciesclf.decode)"
             )
@@ -531,11 +569,47 @@ def ratio_lines(results: dict, thread_counts: list[int]) -> tuple[list[str], lis
             raw[f"{key}/native_scaling_t{t}"] = s
             info.append(f"- {label}: native {t} threads = {fmt(s)}× native 1 thread")
 
-    def check(text: str, value: float | None, target: float, higher_is_better: bool) -> str:
+    def check(
+        text: str,
+        value: float | None,
+        target: float,
+        higher_is_better: bool,
+        key: str | None = None,
+        busy_blocks: list[str] = (),
+    ) -> str:
         if value is None:
             return f"- {text}: not measured"
-        ok = value >= target if higher_is_better else value <= target
-        return f"- {text}: measured {value:.2f}× — {'PASS' if ok else 'MISS'}"
+
+        def verdict(x: float) -> str:
+            return "PASS" if (x >= target if higher_is_better else x <= target) else "MISS"
+
+        line = f"- {text}: measured {value:.2f}× — {verdict(value)}"
+        if key is not None:
+            alt = [
+                f"{what}: {x:.2f}× — {verdict(x)}"
+                for what, x in (
+                    ("fresh process", raw.get(f"{key}_fresh_process")),
+                    ("fresh process, malloc tuned", raw.get(f"{key}_fresh_malloc_tuned")),
+                )
+                if x is not None
+            ]
+            if alt:
+                line += " (pillow-reference timed alone in a " + "; ".join(alt) + ")"
+        if busy_blocks:
+            line += f" [WARNING: other processes kept the machine busy during {', '.join(busy_blocks)}; not a clean measurement]"
+        return line
+
+    def busy(key: str, *threads: int) -> list[str]:
+        """The (data set, threads) blocks behind a check whose medians include no quiet round."""
+        out = []
+        for ds in results["datasets"]:
+            if ds["key"] != key:
+                continue
+            for t in threads:
+                v = ds.get("foreign_cores", {}).get(str(t))
+                if v and min(v) >= results["idle_threshold"]:
+                    out.append(f"{ds['label']} {t}T")
+        return out
 
     checks = [
         check(
@@ -543,19 +617,39 @@ def ratio_lines(results: dict, thread_counts: list[int]) -> tuple[list[str], lis
             raw.get("shared/t1/native_vs_pillow_reference"),
             2.5,
             True,
+            "shared/t1/native_vs_pillow_reference",
+            busy("shared", 1),
         ),
         check(
             "native time <= 1.35x decode-only (shared photos, 1 thread)",
             raw.get("shared/t1/native_time_over_decode_simplejpeg"),
             1.35,
             False,
+            None,
+            busy("shared", 1),
         ),
-        check("native >= 8x pillow-reference (12 MP, 1 thread)", raw.get("12mp/t1/native_vs_pillow_reference"), 8.0, True),
+        check(
+            "native >= 8x pillow-reference (12 MP, 1 thread)",
+            raw.get("12mp/t1/native_vs_pillow_reference"),
+            8.0,
+            True,
+            "12mp/t1/native_vs_pillow_reference",
+            busy("12mp", 1),
+        ),
     ]
     if 2 in thread_counts:
-        checks.append(check("2 threads >= 1.8x 1 thread (native, shared photos)", raw.get("shared/native_scaling_t2"), 1.8, True))
-        if "12mp/native_scaling_t2" in raw:
-            checks.append(check("2 threads >= 1.8x 1 thread (native, 12 MP)", raw.get("12mp/native_scaling_t2"), 1.8, True))
+        for key, label in (("shared", "shared photos"), ("12mp", "12 MP")):
+            if f"{key}/native_scaling_t2" in raw:
+                checks.append(
+                    check(
+                        f"2 threads >= 1.8x 1 thread (native, {label})",
+                        raw.get(f"{key}/native_scaling_t2"),
+                        1.8,
+                        True,
+                        None,
+                        busy(key, 1, 2),
+                    )
+                )
     else:
         checks.append("- 2 threads >= 1.8x 1 thread: not measured (fewer than 2 usable cores)")
     return info, checks, raw
@@ -579,17 +673,36 @@ def render(results: dict, names: list[str], thread_counts: list[int], info: list
             "JPEGs at reduced scale, so they are close to, not bit-exact with, the reference):",
         ]
         out += [f"- {k}: {v['mean']:.3f} / {v['max']:.2f}" for k, v in par.items()]
-    worst = [
-        (ds["label"], t, max(v)) for ds in results["datasets"] for t, v in ds.get("foreign_cores", {}).items() if v
-    ]
-    busy = [f"{label} {t} thread(s): {x:.2f}" for label, t, x in worst if x >= 0.25]
+    notes = []
+    for ds in results["datasets"]:
+        for t, v in ds.get("foreign_cores", {}).items():
+            if not v:
+                continue
+            used = next(iter(ds["results"][t].values()))["rounds_used"]
+            dropped = len(v) - len(used) if len(used) < len(v) else 0
+            worst = max(v[i] for i in used)
+            notes.append(
+                f"{ds['label']} {t}T: {worst:.2f}" + (f" ({dropped} busy round(s) left out and rerun)" if dropped else "")
+            )
+            if worst >= results["idle_threshold"]:
+                notes[-1] += " — WARNING: no quiet round, treat these rows with caution"
+            for label, _ in FRESH_VARIANTS:
+                fresh = ds["results"][t].get(label)
+                if fresh:
+                    fv = fresh["foreign_cores"]
+                    fw = max(fv[i] for i in fresh["rounds_used"])
+                    notes.append(
+                        f"{ds['label']} {t}T {label}: {fw:.2f}"
+                        + (" — WARNING: no quiet round" if fw >= results["idle_threshold"] else "")
+                    )
     out += [
         "",
-        "CPU used by other processes during the timed rounds (cores, worst round): "
-        + ", ".join(f"{label} {t}T {x:.2f}" for label, t, x in worst)
-        + (f" — WARNING, the machine was not quiet ({'; '.join(busy)}): treat those rows with caution" if busy else ""),
+        "CPU used by other processes during the rounds behind the medians (cores, worst round): " + "; ".join(notes) + ".",
+        "Spread = (max - min) / median over those rounds; faults/img = minor page faults per image (median), "
+        "i.e. fresh memory the allocator had to map (for pillow-reference on large images this depends on "
+        "glibc malloc's state, so it can differ between processes; every round's value is in --json).",
         f"Load average before / after: {results['loadavg_before']} / {results['loadavg_after']} "
-        f"({m['cores']} usable cores). Spread = (max - min) / median over the repeats.",
+        f"({m['cores']} usable cores).",
     ]
     return "\n".join(out)
 
@@ -606,9 +719,12 @@ def write_results(results: dict, body: str) -> None:
         f"{m['compiler']}, SIMD {', '.join(m['simd'] or [])}, codecs {m['codecs']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- Spec: speciesclf.PreprocessSpec() defaults ({results['spec']})",
-        "- Medians over the repeats, methods interleaved round-robin, one warm-up call each; encoded bytes in "
+        "- Medians over the repeats, methods interleaved round-robin, one untimed warm-up pass each; encoded bytes in "
         "memory; torch and OpenCV limited to 1 intra-op thread, T > 1 via ThreadPoolExecutor(T) for the "
-        "per-image methods. MP/s counts source-image megapixels.",
+        "per-image methods. MP/s counts source-image megapixels. The `pillow-reference (fresh …)` rows time the "
+        "same recipe alone in a child process, with glibc malloc defaults or with MALLOC_MMAP_THRESHOLD_=32 MiB and "
+        "MALLOC_TRIM_THRESHOLD_=1 GiB (see the script's docstring); `× pillow-ref` is always relative to the "
+        f"in-process row. The run took {results['wall_s']:.0f} s.",
         "",
         body,
         "",
@@ -620,6 +736,82 @@ def write_results(results: dict, body: str) -> None:
         f.write("\n".join(section))
 
 
+# ------------------------------------------------------------------------------ fresh-process reference
+
+FRESH_REFERENCE = "pillow-reference (fresh process)"
+TUNED_REFERENCE = "pillow-reference (fresh, malloc tuned)"
+FRESH_VARIANTS = (
+    (FRESH_REFERENCE, {}),
+    (TUNED_REFERENCE, {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}),
+)
+
+
+def child_reference(job_path: str) -> int:
+    """The --child-reference mode: times pillow-reference alone in this new process; JSON on stdout.
+
+    Pillow's large per-image allocations cost a different amount of page faulting depending on the state
+    glibc malloc is in, which the other methods in the main process change. A process that does nothing
+    but the reference (like a DataLoader worker) shows what that recipe costs on its own.
+    """
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    torch = importlib.import_module("torch")
+    torch.set_num_threads(1)
+    datas = [Path(p).read_bytes() for p in job["paths"]]
+    methods = Methods(None, torch, None, None, max(job["threads"]), len(datas))
+    load, budget = ForeignLoad(), [float(job["max_wait"])]
+
+    def log(msg: str) -> None:
+        print(msg.replace("[bench]", "[bench child]"), file=sys.stderr, flush=True)
+
+    out = {}
+    for t in job["threads"]:
+        times, faults, foreign = measure(
+            methods,
+            ["pillow-reference"],
+            datas,
+            t,
+            job["repeats"],
+            job["warmup_items"],
+            load,
+            lambda: load.wait_idle(budget, job["idle_threshold"], log),
+            job["idle_threshold"],
+            job["extra_rounds"],
+        )
+        out[str(t)] = {"times": times["pillow-reference"], "faults": faults["pillow-reference"], "foreign": foreign}
+    print(json.dumps({"results": out, "budget_left": budget[0]}))
+    return 0
+
+
+def run_fresh_reference(
+    paths: list[Path], threads: list[int], repeats: int, args, budget: list[float], env: dict[str, str]
+) -> dict:
+    job = {
+        "paths": [str(p) for p in paths],
+        "threads": threads,
+        "repeats": repeats,
+        "warmup_items": args.warmup_items,
+        "idle_threshold": args.idle_threshold,
+        "max_wait": budget[0],
+        "extra_rounds": 0 if args.no_retry else repeats,
+    }
+    job_path = DATA_DIR / f"fresh-reference-job-{os.getpid()}.json"
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    job_path.write_text(json.dumps(job), encoding="utf-8")
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child-reference", str(job_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env},
+        )
+    finally:
+        job_path.unlink(missing_ok=True)
+    result = json.loads(proc.stdout)
+    budget[0] = result["budget_left"]
+    return result["results"]
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -629,7 +821,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats-12mp", type=int, default=None, help="repeats per measurement, 12 MP set (default 3; --quick 1)")
     p.add_argument("--n12mp", type=int, default=None, help="photos in the 12 MP set (default 40; --quick 6)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N shared photos (default all; --quick 120)")
-    p.add_argument("--warmup-items", type=int, default=16, help="images in each method's warm-up call (default 16)")
+    p.add_argument(
+        "--warmup-items", type=int, default=0, help="images in each method's warm-up call (default 0: the whole set)"
+    )
     p.add_argument(
         "--max-wait",
         type=float,
@@ -637,12 +831,27 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds in all to spend waiting, before each round, for other processes to use less than "
         "--idle-threshold cores (default 60; --quick 10; 0 never waits)",
     )
-    p.add_argument("--idle-threshold", type=float, default=0.25, help="cores (default 0.25)")
+    p.add_argument(
+        "--idle-threshold",
+        type=float,
+        default=0.25,
+        help="cores other processes may use for the machine to count as quiet (default 0.25); a round during "
+        "which they used more is left out of the medians and run again, up to --repeats extra rounds",
+    )
+    p.add_argument("--no-retry", action="store_true", help="keep every round, quiet or not, and run no extra rounds")
     p.add_argument("--no-12mp", action="store_true", help="skip the 12 MP data set")
     p.add_argument("--quick", action="store_true", help="a ~30 s smoke run with smaller sets and fewer repeats")
     p.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    p.add_argument(
+        "--no-fresh-reference",
+        action="store_true",
+        help="skip the extra pillow-reference measurement in a separate process",
+    )
+    p.add_argument("--child-reference", metavar="JOB", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child_reference:
+        return child_reference(args.child_reference)
     repeats = args.repeats or (2 if args.quick else 5)
     repeats12 = args.repeats_12mp or (1 if args.quick else 3)
     n12 = args.n12mp if args.n12mp is not None else (6 if args.quick else 40)
@@ -684,18 +893,21 @@ def main(argv: list[str] | None = None) -> int:
             "key": "shared",
             "label": "shared photos",
             "datas": shared,
+            "paths": photos,
             "repeats": repeats,
             "description": f"{shared_dir() / 'images' / 'imagenet-samples'}/*.JPEG"
             + (f" (first {limit})" if limit else ""),
         }
     ]
     if not args.no_12mp and n12 > 0:
-        big = [path.read_bytes() for path in make_12mp(shared_photo_paths(), n12, log)]
+        big_paths = make_12mp(shared_photo_paths(), n12, log)
+        big = [path.read_bytes() for path in big_paths]
         sets.append(
             {
                 "key": "12mp",
                 "label": "12 MP",
                 "datas": big,
+                "paths": big_paths,
                 "repeats": repeats12,
                 "description": f"{W12}x{H12} JPEG q{Q12} (bicubic upscale of shared photos, cached in benchmarks/_data/)",
             }
@@ -722,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         "thread_counts": thread_counts,
         "methods": names,
         "loadavg_before": load_before,
+        "idle_threshold": args.idle_threshold,
         "datasets": [],
     }
     results["parity"] = parity(methods, shared)
@@ -729,17 +942,31 @@ def main(argv: list[str] | None = None) -> int:
     for s in sets:
         datas = s["datas"]
         mps = source_megapixels(datas)
-        ds = {k: v for k, v in s.items() if k != "datas"}
+        ds = {k: v for k, v in s.items() if k not in ("datas", "paths")}
         ds.update(n=len(datas), megapixels=sum(mps), mean_kb=sum(map(len, datas)) / len(datas) / 1024, results={})
         for t in thread_counts:
             t0 = time.perf_counter()
-            times, foreign = measure(methods, names, datas, t, s["repeats"], args.warmup_items, load, wait)
-            ds["results"][str(t)] = {name: summarize(ts, len(datas), sum(mps)) for name, ts in times.items()}
+            extra = s["repeats"] if not args.no_retry else 0
+            times, faults, foreign = measure(
+                methods, names, datas, t, s["repeats"], args.warmup_items, load, wait, args.idle_threshold, extra
+            )
+            ds["results"][str(t)] = {
+                name: summarize(times[name], faults[name], foreign, args.idle_threshold, len(datas), sum(mps))
+                for name in names
+            }
             ds.setdefault("foreign_cores", {})[str(t)] = foreign
             log(
                 f"[bench] {s['label']}, {t} thread(s): {time.perf_counter() - t0:.1f} s; other processes used "
                 f"{', '.join(f'{x:.2f}' for x in foreign)} cores during the rounds"
             )
+        for label, env in FRESH_VARIANTS if torch is not None and not args.no_fresh_reference else ():
+            t0 = time.perf_counter()
+            fresh = run_fresh_reference(s["paths"], thread_counts, s["repeats"], args, budget, env)
+            for t, r in fresh.items():
+                row = summarize(r["times"], r["faults"], r["foreign"], args.idle_threshold, len(datas), sum(mps))
+                row.update(foreign_cores=r["foreign"], env=env)
+                ds["results"][t][label] = row
+            log(f"[bench] {s['label']}, {label}: {time.perf_counter() - t0:.1f} s")
         results["datasets"].append(ds)
 
     results["loadavg_after"] = tuple(round(x, 2) for x in os.getloadavg())
@@ -747,6 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     info, checks, raw = ratio_lines(results, thread_counts)
     results["ratios"] = raw
     results["checks"] = checks
+    if any(FRESH_REFERENCE in r for ds in results["datasets"] for r in ds["results"].values()):
+        names = [*names[:3], *(label for label, _ in FRESH_VARIANTS), *names[3:]]
     body = render(results, names, thread_counts, info, checks)
     print(body)
     log(f"[bench] total {results['wall_s']:.0f} s")

@@ -35,6 +35,7 @@ int tiff_orientation(const uint8_t* tiff, std::size_t size) {
     if (entry + 12 > size) return 1;
     if (read_u16(tiff + entry, little) != 0x0112) continue;
     const uint32_t type = read_u16(tiff + entry + 2, little);
+    if (read_u32(tiff + entry + 4, little) != 1) return 1;  // one value, or the entry is broken
     uint32_t value;
     if (type == 3) value = read_u16(tiff + entry + 8, little);       // SHORT
     else if (type == 4) value = read_u32(tiff + entry + 8, little);  // LONG

@@ -55,15 +55,11 @@ Region plan_resize_crop(int src_width, int src_height, const ResizeCrop& rc, Res
   return r;
 }
 
-void resample_column_strip(const RgbView& src, const AxisPlan& vertical, int index, int column_begin,
-                           int column_end, int32_t* accumulator, uint8_t* out) {
-  const int length = (column_end - column_begin) * 3;
-  const int32_t* k = &vertical.weights[std::size_t(index) * vertical.taps];
-  const uint8_t* first = src.pixel(column_begin, vertical.first[index]);
-  const int n = vertical.count[index];
+void vertical_taps(const uint8_t* top, std::ptrdiff_t stride, int length, const int32_t* k, int n,
+                   int32_t* accumulator, uint8_t* out) {
   std::fill(accumulator, accumulator + length, fixed_rounding_bias());
   for (int t = 0; t < n; ++t) {
-    const uint8_t* in = first + std::ptrdiff_t(t) * src.row_stride;
+    const uint8_t* in = top + std::ptrdiff_t(t) * stride;
     const int32_t w = k[t];
     for (int x = 0; x < length; ++x) accumulator[x] += in[x] * w;
   }
@@ -72,18 +68,41 @@ void resample_column_strip(const RgbView& src, const AxisPlan& vertical, int ind
 
 namespace {
 
+// Exact window: count[j] taps.
+inline void horizontal_pixel(const uint8_t* p, const int32_t* k, int n, uint8_t* out) {
+  int32_t r = fixed_rounding_bias(), g = r, b = r;
+  for (int t = 0; t < n; ++t) {
+    r += p[3 * t] * k[t];
+    g += p[3 * t + 1] * k[t];
+    b += p[3 * t + 2] * k[t];
+  }
+  out[0] = fixed_to_u8(r);
+  out[1] = fixed_to_u8(g);
+  out[2] = fixed_to_u8(b);
+}
+
 // Every output pixel reads exactly Taps inputs (the weights past its window are zero), so the loop
-// has a fixed trip count the compiler unrolls.
-#if defined(__SSE4_1__)
-// One pixel's three channels share a vector: a 4-byte load widened to int32 lanes (the 4th lane reads
-// the next pixel and is discarded), multiplied by the tap's weight. Same integer sums as the scalar loop.
+// has a fixed trip count the compiler unrolls. Pixels whose fixed window would run past the readable
+// bytes take the exact-window path.
 template <int Taps>
-void horizontal_fixed(const uint8_t* strip, const AxisPlan& plan, int begin, uint8_t* out) {
+void horizontal_fixed(const uint8_t* row, int available, const AxisPlan& plan, uint8_t* out) {
   const int out_width = int(plan.first.size());
+  const int begin = plan.input_begin;
+#if defined(__SSE4_1__)
   const __m128i bias = _mm_set1_epi32(fixed_rounding_bias());
+#endif
   for (int j = 0; j < out_width; ++j) {
     const int32_t* k = &plan.weights[std::size_t(j) * Taps];
-    const uint8_t* p = strip + std::ptrdiff_t(plan.first[j] - begin) * 3;
+    const int start = plan.first[j] - begin;
+    const uint8_t* p = row + std::ptrdiff_t(start) * 3;
+    // The SIMD loads read 4 bytes per pixel: one past the last pixel of the window.
+    if (std::ptrdiff_t(start + Taps) * 3 + 1 > std::ptrdiff_t(available) * 3) {
+      horizontal_pixel(p, k, plan.count[j], out + 3 * j);
+      continue;
+    }
+#if defined(__SSE4_1__)
+    // One pixel's three channels share a vector: a 4-byte load widened to int32 lanes (the 4th lane is
+    // the next pixel's and is discarded), times the tap's weight. The same integer sums as the scalar path.
     __m128i acc = bias;
     for (int t = 0; t < Taps; ++t) {
       int32_t pixel;
@@ -95,57 +114,29 @@ void horizontal_fixed(const uint8_t* strip, const AxisPlan& plan, int begin, uin
     const __m128i packed = _mm_packus_epi16(_mm_packs_epi32(acc, acc), _mm_setzero_si128());
     const int32_t rgbx = _mm_cvtsi128_si32(packed);
     std::memcpy(out + 3 * j, &rgbx, 4);  // the 4th byte is overwritten by the next pixel (or slack)
-  }
-}
 #else
-template <int Taps>
-void horizontal_fixed(const uint8_t* strip, const AxisPlan& plan, int begin, uint8_t* out) {
-  const int out_width = int(plan.first.size());
-  for (int j = 0; j < out_width; ++j) {
-    const int32_t* k = &plan.weights[std::size_t(j) * Taps];
-    const uint8_t* p = strip + std::ptrdiff_t(plan.first[j] - begin) * 3;
-    int32_t r = fixed_rounding_bias(), g = r, b = r;
-    for (int t = 0; t < Taps; ++t) {
-      r += p[3 * t] * k[t];
-      g += p[3 * t + 1] * k[t];
-      b += p[3 * t + 2] * k[t];
-    }
-    out[3 * j] = fixed_to_u8(r);
-    out[3 * j + 1] = fixed_to_u8(g);
-    out[3 * j + 2] = fixed_to_u8(b);
+    horizontal_pixel(p, k, Taps, out + 3 * j);
+#endif
   }
 }
-#endif
 
-void horizontal_any(const uint8_t* strip, const AxisPlan& plan, int begin, uint8_t* out) {
+void horizontal_exact(const uint8_t* row, const AxisPlan& plan, uint8_t* out) {
   const int out_width = int(plan.first.size());
-  for (int j = 0; j < out_width; ++j) {
-    const int32_t* k = &plan.weights[std::size_t(j) * plan.taps];
-    const uint8_t* p = strip + std::ptrdiff_t(plan.first[j] - begin) * 3;
-    const int n = plan.count[j];
-    int32_t r = fixed_rounding_bias(), g = r, b = r;
-    for (int t = 0; t < n; ++t) {
-      r += p[3 * t] * k[t];
-      g += p[3 * t + 1] * k[t];
-      b += p[3 * t + 2] * k[t];
-    }
-    out[3 * j] = fixed_to_u8(r);
-    out[3 * j + 1] = fixed_to_u8(g);
-    out[3 * j + 2] = fixed_to_u8(b);
-  }
+  for (int j = 0; j < out_width; ++j)
+    horizontal_pixel(row + std::ptrdiff_t(plan.first[j] - plan.input_begin) * 3,
+                     &plan.weights[std::size_t(j) * plan.taps], plan.count[j], out + 3 * j);
 }
 
 }  // namespace
 
-void resample_row_horizontally(const uint8_t* strip, const AxisPlan& plan, uint8_t* out) {
-  const int begin = plan.input_begin;
+void horizontal_taps(const uint8_t* row, int available, const AxisPlan& plan, uint8_t* out) {
   switch (plan.taps) {
-    case 3: return horizontal_fixed<3>(strip, plan, begin, out);
-    case 5: return horizontal_fixed<5>(strip, plan, begin, out);
-    case 7: return horizontal_fixed<7>(strip, plan, begin, out);
-    case 9: return horizontal_fixed<9>(strip, plan, begin, out);
-    case 11: return horizontal_fixed<11>(strip, plan, begin, out);
-    default: return horizontal_any(strip, plan, begin, out);
+    case 3: return horizontal_fixed<3>(row, available, plan, out);
+    case 5: return horizontal_fixed<5>(row, available, plan, out);
+    case 7: return horizontal_fixed<7>(row, available, plan, out);
+    case 9: return horizontal_fixed<9>(row, available, plan, out);
+    case 11: return horizontal_fixed<11>(row, available, plan, out);
+    default: return horizontal_exact(row, plan, out);
   }
 }
 

@@ -45,28 +45,53 @@ struct ResampleScratch {
 // reads, so that a decoder can skip the rest.
 Region plan_resize_crop(int src_width, int src_height, const ResizeCrop& rc, ResampleScratch& scratch);
 
-// Runs the planned resize. The vertical pass goes first: it runs over contiguous bytes and vectorises,
-// and the horizontal pass then touches only the rows the crop keeps. Each output row is finished before
-// the next starts, so the working set is two rows. Calls sink(row_index, rgb_row) for each output row.
-template <class RowSink>
-void run_resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& scratch, RowSink&& sink);
+// Pillow (13 and later) resizes vertically first when the height shrinks, and by more than twice as
+// many pixels as the width does; otherwise horizontally first. The order changes the 8-bit rounding
+// between the passes, so we follow it to stay bit-exact (older Pillow always went horizontally first).
+// Sizes are the whole source and the whole resized image, not the crop.
+inline bool vertical_pass_first(int src_width, int src_height, int resized_width, int resized_height) {
+  const int shrink_y = src_height - resized_height, shrink_x = src_width - resized_width;
+  return shrink_y > 0 && shrink_y > 2 * shrink_x;
+}
 
-void resample_column_strip(const RgbView& src, const AxisPlan& vertical, int index, int column_begin,
-                           int column_end, int32_t* accumulator, uint8_t* out);
-void resample_row_horizontally(const uint8_t* strip, const AxisPlan& horizontal, uint8_t* out);
+// One output sample per column: sum over n rows starting at `top`, `stride` bytes apart.
+void vertical_taps(const uint8_t* top, std::ptrdiff_t stride, int length, const int32_t* weights, int n,
+                   int32_t* accumulator, uint8_t* out);
+// One resampled row; `row` is the source pixel plan.input_begin and `available` the pixels readable
+// from there. Stores 4 bytes per pixel: `out` needs one byte of slack.
+void horizontal_taps(const uint8_t* row, int available, const AxisPlan& plan, uint8_t* out);
 
+// Runs the planned resize, calling sink(row_index, rgb_row) for each output row in order.
 template <class RowSink>
 void run_resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& s, RowSink&& sink) {
-  const int column_begin = s.horizontal.input_begin, column_end = s.horizontal.input_end;
-  const std::size_t strip_bytes = std::size_t(column_end - column_begin) * 3;
-  const std::size_t padding = std::size_t(s.horizontal.taps) * 3;  // fixed-tap reads past the end see zeros
-  uint8_t* strip = s.column_strip.reserve(strip_bytes + padding + std::size_t(rc.out_width) * 3 + 4);
-  std::fill(strip + strip_bytes, strip + strip_bytes + padding, uint8_t(0));
-  uint8_t* row = strip + strip_bytes + padding;  // +4 above: the kernels store 4 bytes per pixel
-  if (s.accumulator.size() < strip_bytes) s.accumulator.resize(strip_bytes);
+  const AxisPlan& h = s.horizontal;
+  const AxisPlan& v = s.vertical;
+  const int row_bytes = rc.out_width * 3;
+  if (vertical_pass_first(src.width, src.height, rc.resized_width, rc.resized_height)) {
+    // Each output row: the needed columns of its source rows, then across. Two rows of working set.
+    const int columns = h.input_end - h.input_begin;
+    uint8_t* strip = s.column_strip.reserve(std::size_t(columns) * 3 + std::size_t(row_bytes) + 4);
+    uint8_t* row = strip + std::size_t(columns) * 3;
+    if (s.accumulator.size() < std::size_t(columns) * 3) s.accumulator.resize(std::size_t(columns) * 3);
+    for (int i = 0; i < rc.out_height; ++i) {
+      vertical_taps(src.pixel(h.input_begin, v.first[i]), src.row_stride, columns * 3,
+                    &v.weights[std::size_t(i) * v.taps], v.count[i], s.accumulator.data(), strip);
+      horizontal_taps(strip, columns, h, row);
+      sink(i, static_cast<const uint8_t*>(row));
+    }
+    return;
+  }
+  // Every source row the crop needs, across; then each output row down those.
+  const int rows = v.input_end - v.input_begin;
+  uint8_t* across = s.column_strip.reserve(std::size_t(rows + 1) * row_bytes + 4);
+  uint8_t* row = across + std::size_t(rows) * row_bytes;
+  const int available = std::min(src.width, src.x_offset + int(src.row_stride / 3)) - h.input_begin;
+  for (int y = 0; y < rows; ++y)
+    horizontal_taps(src.pixel(h.input_begin, v.input_begin + y), available, h, across + std::size_t(y) * row_bytes);
+  if (s.accumulator.size() < std::size_t(row_bytes)) s.accumulator.resize(row_bytes);
   for (int i = 0; i < rc.out_height; ++i) {
-    resample_column_strip(src, s.vertical, i, column_begin, column_end, s.accumulator.data(), strip);
-    resample_row_horizontally(strip, s.horizontal, row);
+    vertical_taps(across + std::size_t(v.first[i] - v.input_begin) * row_bytes, row_bytes, row_bytes,
+                  &v.weights[std::size_t(i) * v.taps], v.count[i], s.accumulator.data(), row);
     sink(i, static_cast<const uint8_t*>(row));
   }
 }

@@ -39,36 +39,23 @@ bool webp_read_size(const uint8_t* data, std::size_t size, StoredSize* out) {
   return !features.has_animation;
 }
 
+// Alpha is dropped, not composited, and transparent pixels keep their stored colour: Pillow's
+// convert("RGB") of a WebP.
 RgbView webp_decode(const uint8_t* data, std::size_t size, ScratchBuffer& buffer) {
   const WebPBitstreamFeatures features = features_of(data, size);
   const int width = features.width, height = features.height;
-  const int channels = features.has_alpha ? 4 : 3;
-  uint8_t* pixels = buffer.reserve(std::size_t(width) * height * channels);
+  const std::size_t bytes = std::size_t(width) * height * 3;
+  uint8_t* pixels = buffer.reserve(bytes);
 
   WebPDecoderConfig config;
   if (!WebPInitDecoderConfig(&config)) fail(Status::kInternal, "libwebp: version mismatch");
-  config.output.colorspace = features.has_alpha ? MODE_RGBA : MODE_RGB;
+  config.output.colorspace = MODE_RGB;
   config.output.is_external_memory = 1;
   config.output.u.RGBA.rgba = pixels;
-  config.output.u.RGBA.stride = width * channels;
-  config.output.u.RGBA.size = std::size_t(width) * height * channels;
+  config.output.u.RGBA.stride = width * 3;
+  config.output.u.RGBA.size = bytes;
   const VP8StatusCode rc = WebPDecode(data, size, &config);
-  WebPFreeDecBuffer(&config.output);  // no-op for external memory, kept for symmetry with the API
   if (rc != VP8_STATUS_OK) fail(Status::kDecodeError, std::string("WebP: ") + vp8_status_name(rc));
-
-  if (features.has_alpha) {
-    // Pillow composes WebP onto a transparent canvas: a fully transparent pixel reads back as black.
-    const std::size_t count = std::size_t(width) * height;
-    for (std::size_t i = 0; i < count; ++i) {
-      const uint8_t* in = pixels + 4 * i;
-      const bool transparent = in[3] == 0;
-      uint8_t* out = pixels + 3 * i;
-      const uint8_t r = in[0], g = in[1], b = in[2];
-      out[0] = transparent ? 0 : r;
-      out[1] = transparent ? 0 : g;
-      out[2] = transparent ? 0 : b;
-    }
-  }
   return RgbView{pixels, width, height, std::ptrdiff_t(width) * 3};
 }
 

@@ -70,3 +70,21 @@ def photo_bytes(sample_photos: list[Path]) -> list[bytes]:
 def one_photo(sample_photos: list[Path]) -> bytes:
     """One real RGB photo (the first sample, a 500x375 baseline JPEG)."""
     return sample_photos[0].read_bytes()
+
+
+def _preload_hypothesis_patching() -> None:
+    # When a Hypothesis test fails, its pytest plugin imports hypothesis.extra._patching (and libcst) to
+    # suggest a patch. libcst's import emits a DeprecationWarning (mypy_extensions.TypedDict), which
+    # filterwarnings=error turns into an INTERNALERROR that aborts the whole session. Import it here,
+    # once, with that third-party warning silenced, so a failing property test reports like any other.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import hypothesis.extra._patching  # noqa: F401
+        except ImportError:
+            pass
+
+
+_preload_hypothesis_patching()

@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -229,7 +229,15 @@ def image_shapes(draw):
     layout=st.sampled_from(LAYOUTS),
     size=st.sampled_from([224, 224, 1, 17, 256]),
 )
-@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The corners of the domain run every time, whatever Hypothesis draws.
+@example(shape=(3000, 4000), channels=3, seed=1, resize=256, interpolation="bilinear", dtype="float32", layout="NCHW", size=224)
+@example(shape=(4000, 3000), channels=4, seed=2, resize=None, interpolation="bicubic", dtype="uint8", layout="NHWC", size=224)
+@example(shape=(80, 4000), channels=3, seed=3, resize=256, interpolation="bilinear", dtype="float16", layout="NHWC", size=224)
+@example(shape=(3000, 60), channels=None, seed=4, resize=256, interpolation="bicubic", dtype="float32", layout="NCHW", size=224)
+@example(shape=(1, 1), channels=3, seed=5, resize=256, interpolation="bilinear", dtype="float32", layout="NCHW", size=224)
+@example(shape=(1, 50), channels=1, seed=6, resize=256, interpolation="bilinear", dtype="uint8", layout="NCHW", size=224)
+@example(shape=(50, 1), channels=3, seed=7, resize=None, interpolation="bilinear", dtype="float16", layout="NCHW", size=17)
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_property_any_size(shape, channels, seed, resize, interpolation, dtype, layout, size):
     height, width = shape
     if resize is not None and resize < size:
@@ -237,10 +245,7 @@ def test_property_any_size(shape, channels, seed, resize, interpolation, dtype, 
     spec = PreprocessSpec(size=size, resize=resize, interpolation=interpolation, dtype=dtype, layout=layout)
     rng = np.random.default_rng(seed)
     full = (height, width) if channels is None else (height, width, channels)
-    if height * width > 500_000:  # big: smooth content, cheap to make
-        array = synthetic(height, width, channels, seed=seed % 1000)
-    else:
-        array = rng.integers(0, 256, full, dtype=np.uint8)
+    array = rng.integers(0, 256, full, dtype=np.uint8)  # noise: the hardest content for rounding
 
     outputs = {backend: run([array, array], spec, backend) for backend in BACKENDS}
     for backend, out in outputs.items():

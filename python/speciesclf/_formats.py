@@ -50,9 +50,11 @@ def _tiff_orientation(tiff: bytes) -> int:
         entry = ifd + 2 + i * 12
         if entry + 12 > len(tiff):
             return 1
-        tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+        tag, kind, count = struct.unpack_from(order + "HHI", tiff, entry)
         if tag != 0x0112:
             continue
+        if count != 1:  # one value, or the entry is broken
+            return 1
         if kind == 3:
             (value,) = struct.unpack_from(order + "H", tiff, entry + 8)
         elif kind == 4:
@@ -84,6 +86,37 @@ def _jpeg_orientation(data: bytes) -> int:
             return _tiff_orientation(data[pos + 10 : pos + 2 + length])
         pos += 2 + length
     return 1
+
+
+def without_jpeg_exif(data: bytes) -> bytes:
+    """The JPEG with its APP1 "Exif" segments removed (the same walk as _jpeg_orientation)."""
+    pos, size, cuts = 2, len(data), []
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 2
+            continue
+        if marker in (0xDA, 0xD9):
+            break
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2 or pos + 2 + length > size:
+            break
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            cuts.append((pos, pos + 2 + length))
+        pos += 2 + length
+    if not cuts:
+        return data
+    parts, start = [], 0
+    for begin, end in cuts:
+        parts.append(data[start:begin])
+        start = end
+    parts.append(data[start:])
+    return b"".join(parts)
 
 
 def _png_orientation(data: bytes) -> int:

@@ -65,6 +65,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Pillow's convert("RGB"), except that 16-bit gray keeps its high byte instead of saturating."""
     if image.mode == "RGB":
         return image
+    if image.mode == "P" and "transparency" in image.info:
+        # The palette's colours are what we keep; going through RGBA is how Pillow wants a palette
+        # with transparency converted (it warns otherwise). Alpha is then dropped, as convert("RGB") does.
+        return image.convert("RGBA").convert("RGB")
     if image.mode in _SIXTEEN_BIT_GRAY:
         gray = np.asarray(image).astype(np.int64) >> 8
         return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8), "L").convert("RGB")
@@ -96,6 +100,11 @@ def open_upright(
         problem = _formats.png_crc_problem(data)
         if problem:
             raise DecodeError(f"PNG data: {problem}")
+    orientation = _formats.exif_orientation(data, fmt)
+    if fmt == _formats.JPEG:
+        # We read the orientation ourselves; Pillow would parse the EXIF block again and warn about any
+        # damage in it, which is no concern of the pixels.
+        data = _formats.without_jpeg_exif(data)
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as e:
@@ -105,7 +114,6 @@ def open_upright(
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLargeError(f"{width}x{height} pixels exceeds max_pixels={max_pixels}")
-    orientation = _formats.exif_orientation(data, fmt)
     upright = (height, width) if orientation >= 5 else (width, height)
     reduction = reduction_for(fmt, upright, min_size(upright) if min_size else None, margin)
     if reduction > 1:
