@@ -214,7 +214,7 @@ def test_env_python_changes_which_codec_reports(monkeypatch):
         return str(batch.errors[0])
 
     native, python = message(backend="native"), message(backend="python")
-    assert native != python
+    assert native != python and "Pillow" in python and "Pillow" not in native
     monkeypatch.setenv("SPECIESCLF_BACKEND", "python")
     assert message() == python
     monkeypatch.setenv("SPECIESCLF_BACKEND", "native")

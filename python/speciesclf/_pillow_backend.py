@@ -109,7 +109,9 @@ def open_upright(
         image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(str(e)) from None
-    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+    except Image.UnidentifiedImageError:
+        raise DecodeError(f"{fmt} header: Pillow cannot read it (corrupt or truncated)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise DecodeError(f"{fmt} header: {e}") from None
     width, height = image.size
     if width * height > max_pixels:
