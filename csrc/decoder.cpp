@@ -27,6 +27,8 @@ StoredSize read_size(Format format, const uint8_t* data, std::size_t size) {
 #endif
     default: break;
   }
+  (void)data;
+  (void)size;
   fail(Status::kCodecUnavailable, std::string(format_name(format)) + " is not decoded natively by this build");
 }
 
@@ -85,6 +87,8 @@ RgbView decode_upright(const Probe& probe, const uint8_t* data, std::size_t size
 #endif
     default: fail(Status::kCodecUnavailable, std::string(format_name(probe.format)) + " is not decoded natively");
   }
+  (void)data;
+  (void)size;
   (void)reduction;
   (void)needed;
   return orient(view, probe.orientation, oriented);

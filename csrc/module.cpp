@@ -204,7 +204,11 @@ py::dict build_info() {
   py::dict info;
   info["version"] = SPECIESCLF_VERSION;
   info["codecs"] = codecs;
-  info["turbojpeg"] = bool(SPECIESCLF_HAVE_JPEG + 0);
+#if SPECIESCLF_HAVE_JPEG
+  info["turbojpeg"] = true;
+#else
+  info["turbojpeg"] = false;
+#endif
   info["simd"] = simd;
   info["cuda"] = false;
   info["nvjpeg"] = false;

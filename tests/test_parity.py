@@ -113,3 +113,17 @@ def test_unnormalize_roundtrip():
     std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
     normalised = (chw / np.float32(255) - mean) / std
     assert np.abs(unnormalize(normalised) - chw).max() < 1e-3
+
+
+@pytest.mark.skipif(
+    int(__import__("PIL").__version__.split(".")[0]) < 13,
+    reason="the native core follows Pillow 13's resize pass order; older Pillow differs by up to 1/255",
+)
+def test_native_is_bit_exact_with_python_on_pillow_13(default_outputs, sample_photos):
+    """Same decoder library behaviour, same weights, same rounding, same pass order: the same bits."""
+    differing = [
+        sample_photos[i].name
+        for i in range(len(sample_photos))
+        if not np.array_equal(default_outputs["native"][i], default_outputs["python"][i])
+    ]
+    assert not differing, f"{len(differing)} photos differ, e.g. {differing[:5]}"
