@@ -846,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-fresh-reference",
         action="store_true",
-        help="skip the extra pillow-reference measurement in a separate process",
+        help="skip the two extra pillow-reference measurements in separate processes",
     )
     p.add_argument("--child-reference", metavar="JOB", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
