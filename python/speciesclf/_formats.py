@@ -65,57 +65,49 @@ def _tiff_orientation(tiff: bytes) -> int:
     return 1
 
 
-def _jpeg_orientation(data: bytes) -> int:
+def _jpeg_segments(data: bytes):
+    """(marker, start, end) of each marker segment before the image data, as csrc/exif.cpp walks them."""
     pos, size = 2, len(data)
     while pos + 4 <= size:
         if data[pos] != 0xFF:
-            return 1
+            return
         marker = data[pos + 1]
-        if marker == 0xFF:
+        if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             pos += 2
             continue
-        if marker in (0xDA, 0xD9):
-            return 1
+        if marker in (0xDA, 0xD9):  # entropy-coded data starts: no EXIF after it
+            return
         (length,) = struct.unpack_from(">H", data, pos + 2)
         if length < 2 or pos + 2 + length > size:
-            return 1
-        if marker == 0xE1 and length >= 8 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
-            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+            return
+        yield marker, pos, pos + 2 + length
         pos += 2 + length
+
+
+def _is_exif_segment(data: bytes, marker: int, start: int, end: int) -> bool:
+    return marker == 0xE1 and end - start >= 10 and data[start + 4 : start + 10] == b"Exif\x00\x00"
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    for marker, start, end in _jpeg_segments(data):
+        if _is_exif_segment(data, marker, start, end):
+            return _tiff_orientation(data[start + 10 : end])
     return 1
 
 
 def without_jpeg_exif(data: bytes) -> bytes:
-    """The JPEG with its APP1 "Exif" segments removed (the same walk as _jpeg_orientation)."""
-    pos, size, cuts = 2, len(data), []
-    while pos + 4 <= size:
-        if data[pos] != 0xFF:
-            break
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
-            pos += 2
-            continue
-        if marker in (0xDA, 0xD9):
-            break
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if length < 2 or pos + 2 + length > size:
-            break
-        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
-            cuts.append((pos, pos + 2 + length))
-        pos += 2 + length
+    """The JPEG without its APP1 "Exif" segments."""
+    cuts = [(start, end) for marker, start, end in _jpeg_segments(data) if _is_exif_segment(data, marker, start, end)]
     if not cuts:
         return data
-    parts, start = [], 0
-    for begin, end in cuts:
-        parts.append(data[start:begin])
-        start = end
-    parts.append(data[start:])
+    parts, kept_from = [], 0
+    for start, end in cuts:
+        parts.append(data[kept_from:start])
+        kept_from = end
+    parts.append(data[kept_from:])
     return b"".join(parts)
 
 
