@@ -16,7 +16,7 @@ struct WorkerScratch {
 
   // A rare huge image should not pin its memory for the life of the thread.
   void trim() {
-    for (ScratchBuffer* b : {&decoded, &oriented, &converted, &resample.column_strip})
+    for (ScratchBuffer* b : {&decoded, &oriented, &converted, &resample.intermediate})
       if (b->capacity() > kKeepScratchBytes) b->release();
   }
 };

@@ -1,4 +1,4 @@
-// Antialiased resize of exactly the pixels a crop keeps, in one pass over the source rows.
+// Antialiased resize of exactly the pixels a crop keeps, with Pillow's arithmetic and pass order.
 #pragma once
 
 #include <algorithm>
@@ -37,7 +37,7 @@ struct ResizeCrop {
 
 struct ResampleScratch {
   AxisPlan horizontal, vertical;
-  ScratchBuffer column_strip;       // one output row after the vertical pass, over the needed columns
+  ScratchBuffer intermediate;  // the first pass's rows (one row when the vertical pass goes first)
   std::vector<int32_t> accumulator;
 };
 
@@ -70,7 +70,7 @@ void run_resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& 
   if (vertical_pass_first(src.width, src.height, rc.resized_width, rc.resized_height)) {
     // Each output row: the needed columns of its source rows, then across. Two rows of working set.
     const int columns = h.input_end - h.input_begin;
-    uint8_t* strip = s.column_strip.reserve(std::size_t(columns) * 3 + std::size_t(row_bytes) + 4);
+    uint8_t* strip = s.intermediate.reserve(std::size_t(columns) * 3 + std::size_t(row_bytes) + 4);
     uint8_t* row = strip + std::size_t(columns) * 3;
     if (s.accumulator.size() < std::size_t(columns) * 3) s.accumulator.resize(std::size_t(columns) * 3);
     for (int i = 0; i < rc.out_height; ++i) {
@@ -83,7 +83,7 @@ void run_resize_crop(const RgbView& src, const ResizeCrop& rc, ResampleScratch& 
   }
   // Every source row the crop needs, across; then each output row down those.
   const int rows = v.input_end - v.input_begin;
-  uint8_t* across = s.column_strip.reserve(std::size_t(rows + 1) * row_bytes + 4);
+  uint8_t* across = s.intermediate.reserve(std::size_t(rows + 1) * row_bytes + 4);
   uint8_t* row = across + std::size_t(rows) * row_bytes;
   const int available = std::min(src.width, src.x_offset + int(src.row_stride / 3)) - h.input_begin;
   for (int y = 0; y < rows; ++y)
