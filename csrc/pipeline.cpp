@@ -130,10 +130,18 @@ void Preprocessor::write_row(uint8_t* slot, int row, const uint8_t* rgb) const {
       std::memcpy(slot + offset * 3, rgb, std::size_t(n) * 3);
     } else if (spec_.dtype == DType::kFloat32) {
       float* out = reinterpret_cast<float*>(slot) + offset * 3;
-      for (int i = 0; i < 3 * n; ++i) out[i] = lut_[i % 3][rgb[i]];
+      for (int i = 0; i < 3 * n; i += 3) {
+        out[i] = lut_[0][rgb[i]];
+        out[i + 1] = lut_[1][rgb[i + 1]];
+        out[i + 2] = lut_[2][rgb[i + 2]];
+      }
     } else {
       uint16_t* out = reinterpret_cast<uint16_t*>(slot) + offset * 3;
-      for (int i = 0; i < 3 * n; ++i) out[i] = half_lut_[i % 3][rgb[i]];
+      for (int i = 0; i < 3 * n; i += 3) {
+        out[i] = half_lut_[0][rgb[i]];
+        out[i + 1] = half_lut_[1][rgb[i + 1]];
+        out[i + 2] = half_lut_[2][rgb[i + 2]];
+      }
     }
     return;
   }
