@@ -70,7 +70,8 @@ bool is_c_contiguous(const py::buffer_info& info) {
 
 py::list preprocess(const py::list& items, const py::buffer& out, int size, int resize, int filter, int dtype,
                     int layout, std::vector<float> mean, std::vector<float> std_, uint64_t max_pixels,
-                    uint64_t max_bytes, double reduce_margin, int threads, std::vector<std::size_t> slots) {
+                    uint64_t max_bytes, double reduce_margin, int threads, std::vector<std::size_t> slots,
+                    const py::object& timings) {
   OutputSpec spec;
   spec.size = size;
   spec.resize = resize;
@@ -125,12 +126,23 @@ py::list preprocess(const py::list& items, const py::buffer& out, int size, int 
     work[i] = describe_item(views.back(), &statuses[i], &messages[i]);
   }
 
+  // Optional (capacity, 2) float64 array: per slot, seconds spent decoding and resizing.
+  double* seconds = nullptr;
+  py::buffer_info timing_info;
+  if (!timings.is_none()) {
+    timing_info = py::reinterpret_borrow<py::buffer>(timings).request(/*writable=*/true);
+    if (timing_info.format != py::format_descriptor<double>::format() || !is_c_contiguous(timing_info) ||
+        std::size_t(timing_info.size) < capacity * 2)
+      throw py::value_error("timings must be a C-contiguous float64 array of at least (len(out), 2)");
+    seconds = static_cast<double*>(timing_info.ptr);
+  }
   uint8_t* base = static_cast<uint8_t*>(out_info.ptr);
   {
     py::gil_scoped_release release;
     ThreadPool::instance().parallel_for(n, threads, [&](std::size_t i) {
       if (statuses[i] != Status::kOk) return;
-      statuses[i] = preprocessor.run(work[i], base + slots[i] * preprocessor.slot_bytes(), &messages[i]);
+      statuses[i] = preprocessor.run(work[i], base + slots[i] * preprocessor.slot_bytes(), &messages[i],
+                                     seconds ? seconds + 2 * slots[i] : nullptr);
     });
   }
 
@@ -229,7 +241,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("preprocess", &preprocess, py::arg("items"), py::arg("out"), py::arg("size"), py::arg("resize"),
         py::arg("filter"), py::arg("dtype"), py::arg("layout"), py::arg("mean"), py::arg("std"),
         py::arg("max_pixels"), py::arg("max_bytes"), py::arg("reduce_margin"), py::arg("threads"),
-        py::arg("slots"));
+        py::arg("slots"), py::arg("timings") = py::none());
   m.def("decode", &decode, py::arg("data"), py::arg("min_width"), py::arg("min_height"), py::arg("max_pixels"),
         py::arg("max_bytes"));
   m.def("build_info", &build_info);

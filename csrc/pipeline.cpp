@@ -1,5 +1,6 @@
 #include "pipeline.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -161,7 +162,10 @@ void Preprocessor::write_row(uint8_t* slot, int row, const uint8_t* rgb) const {
   }
 }
 
-Status Preprocessor::run(const Item& item, uint8_t* slot, std::string* message) const {
+Status Preprocessor::run(const Item& item, uint8_t* slot, std::string* message, double* seconds) const {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  Clock::time_point decoded = start;
   WorkerScratch& s = worker_scratch();
   Status status = Status::kOk;
   try {
@@ -196,6 +200,7 @@ Status Preprocessor::run(const Item& item, uint8_t* slot, std::string* message) 
       if (src.width != width || src.height != height)
         fail(Status::kDecodeError, "decoded size differs from the header's");
     }
+    decoded = Clock::now();
     run_resize_crop(src, rc, s.resample, [&](int row, const uint8_t* rgb) { write_row(slot, row, rgb); });
   } catch (const ImageFailure& failure) {
     status = failure.status();
@@ -208,6 +213,11 @@ Status Preprocessor::run(const Item& item, uint8_t* slot, std::string* message) 
     *message = e.what();
   }
   s.trim();
+  if (seconds) {
+    const Clock::time_point end = Clock::now();
+    seconds[0] = std::chrono::duration<double>(decoded - start).count();
+    seconds[1] = status == Status::kOk ? std::chrono::duration<double>(end - decoded).count() : 0.0;
+  }
   return status;
 }
 

@@ -52,7 +52,8 @@ class Preprocessor {
   explicit Preprocessor(const OutputSpec& spec);
   std::size_t slot_bytes() const { return slot_bytes_; }
   // Never throws: a failure is returned with its message and the slot is left as it was.
-  Status run(const Item& item, uint8_t* slot, std::string* message) const;
+  // seconds[0] gets the decode time, seconds[1] the resize-and-write time (when seconds is not null).
+  Status run(const Item& item, uint8_t* slot, std::string* message, double* seconds = nullptr) const;
 
  private:
   void write_row(uint8_t* slot, int row, const uint8_t* rgb) const;

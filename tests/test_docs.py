@@ -25,7 +25,8 @@ def test_code_block_runs(page: Path, code: str, tmp_path: Path) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("shared assets missing under CI")
         pytest.skip("shared assets missing")
-    env = dict(os.environ, SPECIESCLF_SHARED=os.environ.get("SPECIESCLF_SHARED", str(ROOT.parent / "shared")))
+    env = dict(os.environ, SPECIESCLF_SHARED=os.environ.get("SPECIESCLF_SHARED", str(ROOT.parent / "shared")),
+               SPECIESCLF_HOME=str(tmp_path / "home"))
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
@@ -36,7 +37,7 @@ def test_readme_starts_with_the_two_commands() -> None:
     text = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.*?)\n```", text, re.S)[:2]
     assert commands == [
-        "bash scripts/setup.sh && speciesclf preprocess ../shared/images/imagenet-samples",
+        "bash scripts/setup.sh && SPECIESCLF_WEIGHTS=../shared/models speciesclf classify ../shared/images/imagenet-samples",
         "bash scripts/setup.sh && python3 -m pytest -q",
     ]
     assert "python3 -m pytest -q" in (ROOT / ".ci" / "run").read_text()

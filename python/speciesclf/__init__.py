@@ -1,10 +1,14 @@
 """speciesclf: a trained image classifier as a production component.
 
-The preprocessing core: :func:`decode` and :func:`preprocess_batch` under a :class:`PreprocessSpec`,
-run by a native C++ extension (``speciesclf._native``) or its pure-Python twin.
+:class:`Classifier` loads a model (a bundle, a registry reference, a built-in model or a raw model file)
+and answers with :class:`Prediction` objects. Underneath, the preprocessing core (:func:`decode`,
+:func:`preprocess_batch` under a :class:`PreprocessSpec`) runs in a native C++ extension
+(``speciesclf._native``) or its pure-Python twin.
 """
 
 from ._version import __version__
+from .bundle import Bundle, BundleError, Label, Manifest, UnknownRule, create_bundle
+from .classifier import Classifier, Prediction
 from .decoding import decode
 from .errors import (
     DecodeError,
@@ -17,20 +21,31 @@ from .errors import (
 )
 from .info import build_info, info
 from .preprocess import Batch, preprocess_batch
+from .registry import Registry, RegistryError
 from .spec import PreprocessSpec
 
 __all__ = [
     "__version__",
     "Batch",
+    "Bundle",
+    "BundleError",
+    "Classifier",
     "DecodeError",
     "EmptyInputError",
     "ImageError",
     "ImageReadError",
     "ImageTooLargeError",
     "InvalidImageError",
+    "Label",
+    "Manifest",
+    "Prediction",
     "PreprocessSpec",
+    "Registry",
+    "RegistryError",
+    "UnknownRule",
     "UnsupportedFormatError",
     "build_info",
+    "create_bundle",
     "decode",
     "info",
     "preprocess_batch",

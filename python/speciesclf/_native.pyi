@@ -18,6 +18,7 @@ def preprocess(
     reduce_margin: float,
     threads: int,
     slots: list[int],
+    timings: np.ndarray | None = None,
 ) -> list[tuple[int, int, str]]: ...
 def decode(
     data: bytes | bytearray | memoryview, min_width: int, min_height: int, max_pixels: int, max_bytes: int

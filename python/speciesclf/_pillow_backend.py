@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 from typing import Callable
 
 import numpy as np
@@ -165,8 +166,9 @@ class PillowPreprocessor:
         self.spec = spec
         self.lut = None if spec.dtype == "uint8" else normalization_lut(spec)
 
-    def __call__(self, item: bytes | np.ndarray, out: np.ndarray) -> None:
+    def __call__(self, item: bytes | np.ndarray, out: np.ndarray, seconds: np.ndarray | None = None) -> None:
         spec = self.spec
+        start = time.perf_counter()
         if isinstance(item, np.ndarray) and item.ndim >= 2:
             image = pixels_to_image(item)
             upright = image.size
@@ -179,6 +181,7 @@ class PillowPreprocessor:
                 min_size=lambda size: plan_geometry(*size, spec)[:2],
                 margin=spec.jpeg_reduce_margin or 0.0,
             )
+        decoded = time.perf_counter()
         new_w, new_h, left, top = plan_geometry(*upright, spec)
         try:
             resized = image.resize((new_w, new_h), _PIL_FILTERS[spec.interpolation], box=box)
@@ -187,3 +190,5 @@ class PillowPreprocessor:
         if spec.resize is not None:
             resized = resized.crop((left, top, left + spec.size, top + spec.size))
         write_output(np.asarray(resized), spec, out, self.lut)
+        if seconds is not None:
+            seconds[0], seconds[1] = decoded - start, time.perf_counter() - decoded

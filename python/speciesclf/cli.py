@@ -51,9 +51,55 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0 if batch.all_ok else 1
 
 
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from .classifier import Classifier
+
+    paths = _image_paths(args.paths)
+    if not paths:
+        print("speciesclf: error: no images found", file=sys.stderr)
+        return 1
+    clf = Classifier.load(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads)
+    progress = sys.stderr.isatty() and not args.quiet
+    failed = 0
+    writer = csv.writer(sys.stdout) if args.format == "csv" else None
+    if writer:
+        writer.writerow(["file", "label", "scientific_name", "score", "unknown", "top_k", "error"])
+    for path, p in zip(paths, clf.predict_iter(paths, top_k=args.top_k, progress=progress)):
+        failed += not p.ok
+        error = f"{type(p.error).__name__}: {p.error}" if p.error else ""
+        top = "; ".join(f"{label} {score:.3f}" for label, score in p.top_k)
+        if args.format == "json":
+            print(json.dumps({"file": str(path), **p.to_dict()}))
+        elif writer:
+            writer.writerow([path, p.label or "", p.scientific_name or "", "" if p.score is None else f"{p.score:.4f}",
+                             p.unknown, top, error])
+        else:
+            label = error or ("unknown" if p.unknown else p.label)
+            score = "" if p.score is None else f"{p.score:.3f}"
+            print(f"{str(path):<50} {label:<32} {score:>6}  {'' if p.error else top}")
+    if failed:
+        print(f"{failed} of {len(paths)} images could not be classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="speciesclf", description="Image classification as a component.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("classify", help="classify images (files or folders) with a model")
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--model", default="species100",
+                   help="bundle path, registry reference (name@version|alias) or built-in model (default: species100)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
+    p.set_defaults(run=_cmd_classify)
 
     p = sub.add_parser("info", help="version, native module, codecs, threads, CUDA")
     p.add_argument("--json", action="store_true")
@@ -70,5 +116,276 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="save the batch as a .npy file")
     p.set_defaults(run=_cmd_preprocess)
 
+    _add_bundle_registry_commands(sub)
+
     args = parser.parse_args(argv)
     return args.run(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# `speciesclf bundle ...` and `speciesclf registry ...` (model bundles and the local registry).
+# Self-contained: everything below is reached only through _add_bundle_registry_commands().
+# ------------------------------------------------------------------------------------------------
+
+
+def _bundle_errors(run):
+    """Wrap a handler so that bundle/registry errors print one line and exit 1, never a traceback."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from .bundle import BundleError
+        from .registry import RegistryError
+
+        try:
+            return run(args)
+        except (BundleError, RegistryError, OSError) as e:
+            print(f"speciesclf: error: {e}", file=sys.stderr)
+            return 1
+
+    return wrapped
+
+
+def _metric_pair(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep or not key:
+            raise ValueError
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=NUMBER, got {text!r}") from None
+
+
+def _index_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated output indices, got {text!r}") from None
+
+
+def _cmd_bundle_create(args: argparse.Namespace) -> int:
+    from .bundle import UnknownRule, create_bundle
+    from .spec import PreprocessSpec
+
+    spec_args = {
+        "size": args.size,
+        "resize": args.resize or None,
+        "interpolation": args.interpolation,
+        "dtype": args.dtype,
+        "layout": args.layout,
+    }
+    if args.mean is not None:
+        spec_args["mean"] = tuple(args.mean)
+    if args.std is not None:
+        spec_args["std"] = tuple(args.std)
+    try:
+        spec = PreprocessSpec(**spec_args)
+    except ValueError as e:
+        print(f"speciesclf: error: preprocess: {e}", file=sys.stderr)
+        return 1
+    if (args.unknown_method is None) != (args.unknown_threshold is None):
+        print("speciesclf: error: --unknown-method and --unknown-threshold go together", file=sys.stderr)
+        return 1
+    unknown = UnknownRule(args.unknown_method, args.unknown_threshold) if args.unknown_method else None
+    lineage = {k: v for k, v in (("parent_version", args.parent_version), ("training_data", args.training_data)) if v}
+    out = create_bundle(
+        args.out,
+        model_file=args.model,
+        labels=args.labels,
+        name=args.name,
+        version=args.version,
+        framework=args.framework,
+        preprocess=spec,
+        output_kind=args.output_kind,
+        num_outputs=args.num_outputs,
+        label_subset=args.label_subset,
+        unknown=unknown,
+        temperature=args.temperature,
+        metrics=dict(args.metric or []),
+        lineage=lineage,
+        notes=args.notes,
+        copy_model=not args.link,
+    )
+    print(f"{args.name}@{args.version} -> {out}")
+    return 0
+
+
+def _bundle_summary(bundle) -> str:
+    m = bundle.manifest
+    p = m.preprocess
+    lines = [
+        f"bundle      {bundle.ref}",
+        f"path        {bundle.source}",
+        f"framework   {m.framework} ({m.model_file}, sha256 {m.model_sha256[:16]}...)",
+        f"outputs     {m.output_kind}, {m.num_outputs if m.num_outputs is not None else '?'} outputs, "
+        f"temperature {m.temperature:g}",
+        f"labels      {len(bundle.labels)} ({m.labels_file})"
+        + (f", subset of {len(m.label_subset)} outputs" if m.label_subset is not None else ""),
+        f"preprocess  size {p.size}, resize {p.resize}, {p.interpolation}, {p.dtype} {p.layout}, "
+        f"mean {list(p.mean)}, std {list(p.std)}",
+    ]
+    if m.unknown is not None:
+        lines.append(f"unknown     {m.unknown.method} < {m.unknown.threshold:g}")
+    if m.metrics:
+        lines.append("metrics     " + ", ".join(f"{k}={v:g}" for k, v in sorted(m.metrics.items())))
+    if any(m.lineage.values()):
+        lines.append("lineage     " + ", ".join(f"{k}={v}" for k, v in sorted(m.lineage.items()) if v))
+    if m.created_at:
+        lines.append(f"created     {m.created_at}")
+    if m.notes:
+        lines.append(f"notes       {m.notes}")
+    return "\n".join(lines)
+
+
+def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .bundle import Bundle
+
+    with Bundle.open(args.path, verify=False) as bundle:
+        if args.json:
+            print(json.dumps(bundle.manifest.to_dict(), sort_keys=True, indent=2, ensure_ascii=False))
+        else:
+            print(_bundle_summary(bundle))
+    return 0
+
+
+def _cmd_bundle_verify(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+
+    with Bundle.open(args.path, verify=True) as bundle:
+        print(f"{bundle.ref}: ok (sha256 {bundle.manifest.model_sha256})")
+    return 0
+
+
+def _registry(args: argparse.Namespace):
+    from .registry import Registry
+
+    return Registry(getattr(args, "root", None))
+
+
+def _cmd_registry_list(args: argparse.Namespace) -> int:
+    import json
+
+    reg = _registry(args)
+    table = {name: {"versions": reg.versions(name), "aliases": reg.aliases(name)} for name in reg.names()}
+    if args.json:
+        print(json.dumps(table, sort_keys=True, indent=2))
+    elif not table:
+        print(f"no bundles in {reg.root}")
+    else:
+        for name, entry in table.items():
+            aliases = ", ".join(f"{a} -> {v}" for a, v in entry["aliases"].items()) or "-"
+            print(f"{name}  versions: {', '.join(entry['versions'])}  aliases: {aliases}")
+    return 0
+
+
+def _cmd_registry_register(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    ref = reg.register(args.path, aliases=args.alias or ())
+    print(ref)
+    return 0
+
+
+def _cmd_registry_alias(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    if args.remove:
+        if args.version is not None:
+            print("speciesclf: error: --remove takes no VERSION", file=sys.stderr)
+            return 1
+        reg.remove_alias(args.name, args.alias)
+        print(f"removed {args.name}@{args.alias}")
+    else:
+        if args.version is None:
+            print("speciesclf: error: VERSION is required (or --remove)", file=sys.stderr)
+            return 1
+        reg.set_alias(args.name, args.alias, args.version)
+        print(f"{args.name}@{args.alias} -> {args.version}")
+    return 0
+
+
+def _cmd_registry_resolve(args: argparse.Namespace) -> int:
+    print(_registry(args).resolve(args.ref))
+    return 0
+
+
+def _cmd_registry_delete(args: argparse.Namespace) -> int:
+    _registry(args).delete(args.name, args.version)
+    print(f"deleted {args.name}@{args.version}")
+    return 0
+
+
+def _add_bundle_registry_commands(sub) -> None:
+    from .spec import PreprocessSpec
+
+    defaults = PreprocessSpec()
+
+    bundle = sub.add_parser("bundle", help="create, inspect and verify model bundles")
+    bsub = bundle.add_subparsers(dest="bundle_command", required=True)
+
+    p = bsub.add_parser("create", help="write a bundle directory (or .zip) from a model file and labels")
+    p.add_argument("out", help="the bundle directory to create, or a path ending in .zip")
+    p.add_argument("--model", required=True, help="model file (.onnx, .pt, .pt2)")
+    p.add_argument("--labels", required=True, help="labels TSV: index<TAB>name[<TAB>scientific_name]")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
+    p.add_argument("--framework", choices=["onnx", "torchscript", "torch-export"], help="default: from the suffix")
+    p.add_argument("--size", type=int, default=defaults.size)
+    p.add_argument("--resize", type=int, default=defaults.resize, help="shorter side before the crop; 0 squashes")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default=defaults.interpolation)
+    p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default=defaults.dtype)
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], default=defaults.layout)
+    p.add_argument("--output-kind", choices=["logits", "probabilities"], default="logits")
+    p.add_argument("--num-outputs", type=int)
+    p.add_argument("--label-subset", type=_index_list, help="comma-separated model output indices to keep")
+    p.add_argument("--unknown-method", choices=["subset_mass", "max_probability"])
+    p.add_argument("--unknown-threshold", type=float)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--metric", type=_metric_pair, action="append", metavar="KEY=VALUE")
+    p.add_argument("--parent-version")
+    p.add_argument("--training-data")
+    p.add_argument("--notes", default="")
+    p.add_argument("--link", action="store_true", help="hard-link the model instead of copying it (if possible)")
+    p.set_defaults(run=_bundle_errors(_cmd_bundle_create))
+
+    p = bsub.add_parser("inspect", help="print a bundle's manifest")
+    p.add_argument("path", help="bundle directory or .zip")
+    p.add_argument("--json", action="store_true", help="the full manifest as JSON")
+    p.set_defaults(run=_bundle_errors(_cmd_bundle_inspect))
+
+    p = bsub.add_parser("verify", help="check a bundle: manifest, labels and the model's sha256")
+    p.add_argument("path", help="bundle directory or .zip")
+    p.set_defaults(run=_bundle_errors(_cmd_bundle_verify))
+
+    # --root is accepted both before and after the registry subcommand.
+    root_help = "registry root (default: $SPECIESCLF_HOME/registry, see speciesclf.registry.default_home)"
+    registry = sub.add_parser("registry", help="the local bundle registry: versions and aliases")
+    registry.add_argument("--root", default=None, help=root_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", default=argparse.SUPPRESS, help=root_help)
+    rsub = registry.add_subparsers(dest="registry_command", required=True)
+
+    p = rsub.add_parser("list", parents=[common], help="names, versions and aliases")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_bundle_errors(_cmd_registry_list))
+
+    p = rsub.add_parser("register", parents=[common], help="copy a bundle into the registry")
+    p.add_argument("path", help="bundle directory or .zip")
+    p.add_argument("--alias", action="append", help="also point this alias at it (repeatable)")
+    p.set_defaults(run=_bundle_errors(_cmd_registry_register))
+
+    p = rsub.add_parser("alias", parents=[common], help="point NAME@ALIAS at VERSION")
+    p.add_argument("name")
+    p.add_argument("alias")
+    p.add_argument("version", nargs="?")
+    p.add_argument("--remove", action="store_true", help="remove the alias instead")
+    p.set_defaults(run=_bundle_errors(_cmd_registry_alias))
+
+    p = rsub.add_parser("resolve", parents=[common], help="print the bundle directory of name[@version|@alias]")
+    p.add_argument("ref")
+    p.set_defaults(run=_bundle_errors(_cmd_registry_resolve))
+
+    p = rsub.add_parser("delete", parents=[common], help="remove NAME@VERSION (refused while an alias uses it)")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.set_defaults(run=_bundle_errors(_cmd_registry_delete))

@@ -33,6 +33,7 @@ class Batch:
     array: Any
     ok: np.ndarray
     errors: dict[int, ImageError]
+    seconds: np.ndarray | None = None  # with timings=True: (N, 2) seconds decoding and resizing each item
 
     def __len__(self) -> int:
         return len(self.ok)
@@ -54,6 +55,7 @@ def preprocess_batch(
     backend: Literal["auto", "native", "python"] = "auto",
     out: Any = None,
     on_error: Literal["raise", "skip"] = "raise",
+    timings: bool = False,
 ) -> Batch:
     """Decode, resize, crop and normalise ``items`` into one (N, 3, size, size) batch (or NHWC).
 
@@ -74,6 +76,7 @@ def preprocess_batch(
     items = list(items)
     n = len(items)
     array, result = _output_buffer(out, spec, n)
+    seconds = np.zeros((n, 2)) if timings else None
 
     errors: dict[int, ImageError] = {}
     sources: list[Any] = []
@@ -86,11 +89,11 @@ def preprocess_batch(
             errors[i] = e
 
     if chosen == "native":
-        leftovers = _run_native(sources, slots, array, spec, threads, errors)
+        leftovers = _run_native(sources, slots, array, spec, threads, errors, seconds)
     else:
         leftovers = list(zip(slots, sources))
     if leftovers:
-        _run_pillow(leftovers, array, spec, threads, errors)
+        _run_pillow(leftovers, array, spec, threads, errors, seconds)
 
     ok = np.ones(n, dtype=bool)
     for i in errors:
@@ -101,10 +104,10 @@ def preprocess_batch(
         error = errors[first]
         error.add_note(f"speciesclf: item {first} of a batch of {n}")
         raise error
-    return Batch(result, ok, errors)
+    return Batch(result, ok, errors, seconds)
 
 
-def _run_native(sources, slots, array, spec, threads, errors) -> list[tuple[int, Any]]:
+def _run_native(sources, slots, array, spec, threads, errors, seconds) -> list[tuple[int, Any]]:
     """Runs the native core; returns the (slot, source) pairs it leaves to Pillow."""
     native = _backend._native
     failures = native.preprocess(
@@ -122,6 +125,7 @@ def _run_native(sources, slots, array, spec, threads, errors) -> list[tuple[int,
         reduce_margin=spec.jpeg_reduce_margin or 0.0,
         threads=threads,
         slots=slots,
+        timings=seconds,
     )
     leftovers = []
     by_slot = None
@@ -146,13 +150,13 @@ def _executor(threads: int) -> ThreadPoolExecutor:
         return _executors[threads]
 
 
-def _run_pillow(work: list[tuple[int, Any]], array, spec, threads, errors) -> None:
+def _run_pillow(work: list[tuple[int, Any]], array, spec, threads, errors, seconds) -> None:
     run_one = PillowPreprocessor(spec)
 
     def task(slot_source):
         slot, source = slot_source
         try:
-            run_one(source, array[slot])
+            run_one(source, array[slot], None if seconds is None else seconds[slot])
         except ImageError as e:
             return slot, e
         except MemoryError as e:

@@ -1,0 +1,406 @@
+"""Classifier: a model with its preprocessing, labels and post-processing, behind predict()."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+
+from .errors import ImageError
+from .postprocess import PostProcessor
+from .preprocess import preprocess_batch
+from .runtimes import framework_for_file, load_runtime
+from .sources import to_image_source
+from .spec import PreprocessSpec
+
+__all__ = ["Classifier", "Prediction"]
+
+_MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".pt2")
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One image's answer. ``error`` is set (and the rest empty) when the image could not be used."""
+
+    label: str | None
+    score: float | None
+    index: int | None  # the model output index of ``label``
+    top_k: list[tuple[str, float]]
+    unknown: bool
+    model: str  # name@version
+    timings: dict[str, float]  # decode_ms, preprocess_ms, inference_ms
+    error: ImageError | None = None
+    scientific_name: str | None = None
+    _source: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "score": self.score,
+            "index": self.index,
+            "scientific_name": self.scientific_name,
+            "top_k": [{"label": label, "score": score} for label, score in self.top_k],
+            "unknown": self.unknown,
+            "model": self.model,
+            "timings": dict(self.timings),
+            "error": None if self.error is None else {"type": type(self.error).__name__, "message": str(self.error)},
+        }
+
+    def _repr_html_(self) -> str:
+        if self.error is not None:
+            return (f"<div><b>{html.escape(type(self.error).__name__)}</b>: {html.escape(str(self.error))}"
+                    f" <small>({html.escape(self.model)})</small></div>")
+        title = "unknown" if self.unknown else html.escape(self.label or "")
+        if self.scientific_name and not self.unknown:
+            title += f" <i>({html.escape(self.scientific_name)})</i>"
+        bars = "".join(
+            f"<tr><td>{html.escape(label)}</td><td><div style='background:#4a90d9;height:10px;"
+            f"width:{max(1, round(score * 160))}px'></div></td><td>{score:.3f}</td></tr>"
+            for label, score in self.top_k
+        )
+        thumb = _thumbnail_html(self._source)
+        return (f"<div style='display:flex;gap:12px;align-items:flex-start'>{thumb}<div><b>{title}</b>"
+                f"<table>{bars}</table><small>{html.escape(self.model)}</small></div></div>")
+
+
+def _thumbnail_html(source: Any) -> str:
+    if source is None:
+        return ""
+    try:
+        from PIL import Image
+
+        if isinstance(source, Image.Image):
+            image = source.convert("RGB")
+        elif isinstance(source, np.ndarray):
+            image = Image.fromarray(source[..., :3] if source.ndim == 3 else source).convert("RGB")
+        else:
+            from .decoding import decode
+
+            image = Image.fromarray(decode(source, min_size=(128, 128)))
+        image.thumbnail((128, 128))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80)
+    except Exception:  # a thumbnail is decoration: never let it break the display
+        return ""
+    return f"<img src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}'/>"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Engine:
+    """Everything one model version needs to answer; swapped as a whole by reload()."""
+
+    ref: str
+    runtime: Any
+    spec: PreprocessSpec
+    names: tuple[str, ...]  # reported classes, in the post-processor's output order
+    scientific: tuple[str | None, ...]
+    output_indices: np.ndarray  # model output index of each reported class
+    post: PostProcessor
+
+
+class Classifier:
+    """Load with :meth:`load`; predict with :meth:`predict`, :meth:`predict_batch` or :meth:`predict_iter`."""
+
+    def __init__(self, engine: _Engine, *, batch_size: int = 64, threads: int | None = None,
+                 hooks: Any = None, allow_urls: bool = False, load_options: Mapping[str, Any] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._engine = engine
+        self.batch_size = int(batch_size)
+        self.threads = threads
+        self.allow_urls = allow_urls
+        self._hooks = hooks
+        self._load_options = dict(load_options or {})
+        self._reload_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="speciesclf-preprocess")
+        self._hook("on_load", self)
+
+    # --- loading ------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: Any, *, device: str = "auto", backend: str = "auto", labels: Any = None,
+             batch_size: int = 64, threads: int | None = None, hooks: Any = None, registry: Any = None,
+             preprocess: PreprocessSpec | None = None, allow_urls: bool = False) -> Classifier:
+        """Load a bundle (directory or .zip), a registry reference (``name@1.2.0``, ``name@production``,
+        ``name``), a built-in model (``species100``, ``imagenet1k``) or a raw model file (.onnx, TorchScript
+        .pt, torch.export .pt2) with ``labels=`` (a list, a labels file, or ``"imagenet1k"``).
+
+        ``threads`` sets the inference runtime's and the preprocessing's thread count (torch's is
+        process-wide). ``hooks`` is an object or mapping with any of ``on_load(classifier)``,
+        ``before_predict(classifier, items)``, ``after_predict(classifier, predictions)``.
+        """
+        options = dict(device=device, backend=backend, labels=labels, threads=threads, registry=registry,
+                       preprocess=preprocess)
+        engine = _build_engine(source, **options)
+        return cls(engine, batch_size=batch_size, threads=threads, hooks=hooks, allow_urls=allow_urls,
+                   load_options=options)
+
+    def reload(self, source: Any) -> str:
+        """Switch to another model version. Requests already running finish on the old one; no request
+        sees a mix of the two. Returns the new ``name@version``."""
+        options = dict(self._load_options)
+        engine = _build_engine(source, **options)
+        with self._reload_lock:
+            self._engine = engine  # one reference assignment: atomic for every reader
+        self._hook("on_load", self)
+        return engine.ref
+
+    @property
+    def model(self) -> str:
+        return self._engine.ref
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._engine.names)
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self._engine.spec
+
+    @property
+    def device(self) -> str:
+        return getattr(self._engine.runtime, "device", "cpu")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        runtime = getattr(self._engine.runtime, "name", type(self._engine.runtime).__name__)
+        return f"Classifier({self.model!r}, {len(self._engine.names)} classes, {runtime} on {self.device})"
+
+    # --- prediction ---------------------------------------------------------------------------------
+
+    def predict(self, x: Any, *, top_k: int = 5, on_error: Literal["return", "raise"] = "return") -> Prediction:
+        return self.predict_batch([x], top_k=top_k, on_error=on_error)[0]
+
+    def predict_batch(self, xs: Iterable[Any], *, top_k: int = 5,
+                      on_error: Literal["return", "raise"] = "return") -> list[Prediction]:
+        items = list(xs)
+        self._hook("before_predict", self, items)
+        predictions = list(self._predict_stream(items, top_k=top_k, on_error=on_error, batch_size=self.batch_size))
+        self._hook("after_predict", self, predictions)
+        return predictions
+
+    def predict_iter(self, iterable: Iterable[Any], *, batch_size: int | None = None, top_k: int = 5,
+                     progress: bool = False, on_error: Literal["return", "raise"] = "return") -> Iterator[Prediction]:
+        """Predictions in input order, batch by batch; decoding of the next batch overlaps inference."""
+        stream = self._predict_stream(iterable, top_k=top_k, on_error=on_error,
+                                      batch_size=batch_size or self.batch_size)
+        if not progress:
+            yield from stream
+            return
+        done, start = 0, time.perf_counter()
+        for prediction in stream:
+            done += 1
+            if done % 16 == 0:
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                print(f"\r{done} images, {rate:.0f} img/s", end="", file=sys.stderr, flush=True)
+            yield prediction
+        print(f"\r{done} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    def _predict_stream(self, iterable: Iterable[Any], *, top_k: int, on_error: str,
+                        batch_size: int) -> Iterator[Prediction]:
+        if on_error not in ("return", "raise"):
+            raise ValueError(f"on_error must be 'return' or 'raise', got {on_error!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        engine = self._engine  # one version for the whole request
+        chunks = _chunks(iterable, batch_size)
+        pending = None
+        first = next(chunks, None)
+        if first is not None:
+            pending = self._pool.submit(self._prepare, engine, first)
+        while pending is not None:
+            prepared = pending.result()
+            following = next(chunks, None)
+            pending = self._pool.submit(self._prepare, engine, following) if following is not None else None
+            for prediction in self._infer(engine, prepared, top_k):
+                if on_error == "raise" and prediction.error is not None:
+                    raise prediction.error
+                yield prediction
+
+    def _prepare(self, engine: _Engine, items: list[Any]) -> dict:
+        start = time.perf_counter()
+        sources, errors = [], {}
+        for i, item in enumerate(items):
+            try:
+                sources.append(to_image_source(item, max_bytes=engine.spec.max_bytes, allow_urls=self.allow_urls))
+            except ImageError as e:
+                errors[i] = e
+                sources.append(b"")  # its slot is reported with the error above
+        batch = preprocess_batch(sources, engine.spec, threads=self.threads, on_error="skip", timings=True)
+        for i, error in batch.errors.items():
+            errors.setdefault(i, error)
+        return {"items": items, "batch": batch, "errors": errors, "seconds": time.perf_counter() - start}
+
+    def _infer(self, engine: _Engine, prepared: dict, top_k: int) -> list[Prediction]:
+        items, batch, errors = prepared["items"], prepared["batch"], prepared["errors"]
+        good = np.flatnonzero(batch.ok)
+        start = time.perf_counter()
+        scores = engine.post(engine.runtime.run(batch.array[good])) if len(good) else None
+        inference_ms = (time.perf_counter() - start) * 1000 / max(len(good), 1)
+        preprocess_ms = prepared["seconds"] * 1000 / max(len(items), 1)
+        k = min(top_k, len(engine.names))
+        predictions: list[Prediction] = []
+        row_of = {int(slot): row for row, slot in enumerate(good)}
+        for i, item in enumerate(items):
+            decode_ms = float(batch.seconds[i, 0]) * 1000
+            timings = {"decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "inference_ms": 0.0}
+            source = _keep_for_display(item)
+            if i in errors:
+                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, errors[i], None, source))
+                continue
+            row = row_of[i]
+            probabilities = scores.probabilities[row]
+            order = np.argsort(-probabilities, kind="stable")[:k]
+            best = int(order[0])
+            timings["inference_ms"] = inference_ms
+            predictions.append(Prediction(
+                label=engine.names[best],
+                score=float(probabilities[best]),
+                index=int(engine.output_indices[best]),
+                top_k=[(engine.names[j], float(probabilities[j])) for j in order],
+                unknown=bool(scores.unknown[row]),
+                model=engine.ref,
+                timings=timings,
+                scientific_name=engine.scientific[best],
+                _source=source,
+            ))
+        return predictions
+
+    def _hook(self, name: str, *args: Any) -> None:
+        hooks = self._hooks
+        if hooks is None:
+            return
+        fn = hooks.get(name) if isinstance(hooks, Mapping) else getattr(hooks, name, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _keep_for_display(item: Any) -> Any:
+    """What a notebook thumbnail can be made from, without holding large inputs alive."""
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item) if os.path.exists(os.fspath(item)) else None
+    if isinstance(item, (bytes, bytearray)) and len(item) <= 4 * 2**20:
+        return bytes(item)
+    return None
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in iterable:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# --- building an engine ---------------------------------------------------------------------------------
+
+def _build_engine(source: Any, *, device: str, backend: str, labels: Any, threads: int | None, registry: Any,
+                  preprocess: PreprocessSpec | None) -> _Engine:
+    from .bundle import Bundle
+
+    if isinstance(source, Bundle):
+        return _engine_from_bundle(source, device=device, backend=backend, threads=threads)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(os.fspath(source))
+        if path.exists():
+            if path.is_dir() or path.suffix.lower() == ".zip":
+                return _engine_from_bundle(Bundle.open(path), device=device, backend=backend, threads=threads)
+            if labels is None:
+                raise ValueError(f"{path.name}: a raw model file needs labels= (a list, a file or 'imagenet1k')")
+            return _engine_from_file(path, labels=labels, preprocess=preprocess or PreprocessSpec(),
+                                     device=device, backend=backend, threads=threads)
+        if path.suffix.lower() in _MODEL_SUFFIXES + (".zip",):
+            raise FileNotFoundError(f"no such model file: {path}")
+        return _engine_from_bundle(_resolve_reference(str(source), registry), device=device, backend=backend,
+                                   threads=threads)
+    raise TypeError(f"cannot load a model from {type(source).__name__}")
+
+
+def _resolve_reference(ref: str, registry: Any):
+    from . import builtin
+    from .registry import Registry, RegistryError
+
+    registry = registry if registry is not None else Registry()
+    name = ref.split("@", 1)[0]
+    if name in registry.names():
+        return registry.open(ref)
+    if name in builtin.BUILTIN_MODELS:
+        return builtin.builtin_bundle(ref)
+    raise RegistryError(f"no model {ref!r}: not in the registry ({registry.root}) and not built in "
+                        f"({', '.join(sorted(builtin.BUILTIN_MODELS))})")
+
+
+def _engine_from_bundle(bundle: Any, *, device: str, backend: str, threads: int | None) -> _Engine:
+    m = bundle.manifest
+    runtime = load_runtime(bundle.model_path, m.framework, backend=backend, device=device, threads=threads)
+    by_index = {label.index: label for label in bundle.labels}
+    indices = list(m.label_subset) if m.label_subset is not None else sorted(by_index)
+    chosen = [by_index[i] for i in indices]
+    post = PostProcessor(
+        output_kind=m.output_kind,
+        temperature=m.temperature,
+        label_subset=m.label_subset,
+        unknown_method=m.unknown.method if m.unknown else None,
+        unknown_threshold=m.unknown.threshold if m.unknown else None,
+    )
+    return _Engine(ref=f"{m.name}@{m.version}", runtime=runtime, spec=m.preprocess,
+                   names=tuple(label.name for label in chosen),
+                   scientific=tuple(label.scientific_name for label in chosen),
+                   output_indices=np.asarray(indices, dtype=np.intp), post=post)
+
+
+def _engine_from_file(path: Path, *, labels: Any, preprocess: PreprocessSpec, device: str, backend: str,
+                      threads: int | None) -> _Engine:
+    from .bundle import Label, read_labels
+
+    if isinstance(labels, str) and labels == "imagenet1k":
+        from .builtin import imagenet_labels
+
+        label_list = imagenet_labels()
+    elif isinstance(labels, (str, os.PathLike)):
+        label_list = _labels_from_file(Path(labels), read_labels)
+    elif isinstance(labels, Sequence):
+        label_list = [Label(i, str(name)) for i, name in enumerate(labels)]
+    else:
+        raise TypeError("labels= must be a list of names, a labels file or 'imagenet1k'")
+    runtime = load_runtime(path, framework_for_file(path), backend=backend, device=device, threads=threads)
+    return _Engine(ref=f"{path.stem}@0.0.0", runtime=runtime, spec=preprocess,
+                   names=tuple(label.name for label in label_list),
+                   scientific=tuple(label.scientific_name for label in label_list),
+                   output_indices=np.asarray([label.index for label in label_list], dtype=np.intp),
+                   post=PostProcessor(output_kind="logits"))
+
+
+def _labels_from_file(path: Path, read_labels: Callable) -> list:
+    """A labels TSV (index, name, scientific_name) or a plain text file with one name per line."""
+    from .bundle import Label
+
+    text = path.read_text(encoding="utf-8")
+    if text.startswith("index\t"):
+        return read_labels(path)
+    return [Label(i, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]

@@ -1,0 +1,79 @@
+"""The extended model's last step: model outputs to probabilities over the reported classes, and "unknown"."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import numpy as np
+
+__all__ = ["PostProcessor", "Scores"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    probabilities: np.ndarray  # (N, K) over the reported classes, rows sum to 1
+    unknown: np.ndarray        # (N,) bool
+    evidence: np.ndarray       # (N,) what the unknown rule looked at (subset mass or top probability)
+
+
+class PostProcessor:
+    """Softmax (with temperature) for logits, an optional label subset renormalised, an open-set rule.
+
+    ``label_subset`` keeps some outputs of a larger model; their probability mass before renormalising is
+    the evidence for ``unknown_method="subset_mass"``: an image of none of the kept classes puts its mass
+    elsewhere. ``"max_probability"`` flags an image whose best reported class is below the threshold.
+    """
+
+    def __init__(
+        self,
+        *,
+        output_kind: Literal["logits", "probabilities"] = "logits",
+        temperature: float = 1.0,
+        label_subset: Sequence[int] | None = None,
+        unknown_method: Literal["subset_mass", "max_probability"] | None = None,
+        unknown_threshold: float | None = None,
+    ):
+        if output_kind not in ("logits", "probabilities"):
+            raise ValueError(f"output_kind must be 'logits' or 'probabilities', got {output_kind!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if unknown_method not in (None, "subset_mass", "max_probability"):
+            raise ValueError(f"unknown method must be 'subset_mass' or 'max_probability', got {unknown_method!r}")
+        if unknown_method == "subset_mass" and label_subset is None:
+            raise ValueError("the 'subset_mass' unknown rule needs a label subset")
+        if unknown_method is not None and not (unknown_threshold is not None and 0 < unknown_threshold < 1):
+            raise ValueError(f"unknown threshold must be in (0, 1), got {unknown_threshold!r}")
+        self.output_kind = output_kind
+        self.temperature = float(temperature)
+        self.subset = None if label_subset is None else np.asarray(label_subset, dtype=np.intp)
+        self.unknown_method = unknown_method
+        self.unknown_threshold = unknown_threshold
+
+    def __call__(self, outputs: np.ndarray) -> Scores:
+        outputs = np.asarray(outputs, dtype=np.float64)
+        if outputs.ndim != 2:
+            raise ValueError(f"model outputs must be (batch, classes), got shape {outputs.shape}")
+        if self.output_kind == "logits":
+            z = outputs / self.temperature
+            z -= z.max(axis=1, keepdims=True)
+            probabilities = np.exp(z)
+            probabilities /= probabilities.sum(axis=1, keepdims=True)
+        else:
+            probabilities = outputs
+        if self.subset is not None:
+            kept = probabilities[:, self.subset]
+            mass = kept.sum(axis=1)
+            probabilities = kept / np.maximum(mass, 1e-12)[:, None]
+        else:
+            mass = probabilities.sum(axis=1)
+        top = probabilities.max(axis=1)
+        if self.unknown_method == "subset_mass":
+            evidence = mass
+        else:
+            evidence = top
+        if self.unknown_method is None:
+            unknown = np.zeros(len(outputs), dtype=bool)
+        else:
+            unknown = evidence < self.unknown_threshold
+        return Scores(probabilities, unknown, evidence)

@@ -1,0 +1,193 @@
+"""Classifier: loading, every input kind, errors per item, post-processing, hot swap, hooks, display."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import http.server
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import speciesclf
+from speciesclf import Classifier, Prediction
+from speciesclf.errors import ImageReadError, InvalidImageError, UnsupportedFormatError
+from speciesclf.postprocess import PostProcessor
+
+pytestmark = pytest.mark.shared
+
+
+@pytest.fixture(scope="module")
+def model_file(shared_dir: Path) -> Path:
+    path = shared_dir / "models" / "mobilenetv2-12-int8.onnx"
+    if not path.is_file():
+        pytest.fail(f"missing {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def imagenet(model_file: Path) -> Classifier:
+    return Classifier.load(model_file, labels="imagenet1k", batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def labels_csv(shared_dir: Path) -> dict[str, int]:
+    with open(shared_dir / "images" / "imagenet-samples" / "labels.csv", newline="") as f:
+        return {row["file"]: int(row["class_index"]) for row in csv.DictReader(f)}
+
+
+def test_predict_fields(imagenet: Classifier, sample_photos):
+    tench = next(p for p in sample_photos if "tench" in p.name)
+    p = imagenet.predict(tench)
+    assert isinstance(p, Prediction) and p.ok
+    assert p.label == "tench" and p.index == 0
+    assert 0 < p.score <= 1 and len(p.top_k) == 5 and p.top_k[0] == (p.label, p.score)
+    assert [s for _, s in p.top_k] == sorted((s for _, s in p.top_k), reverse=True)
+    assert p.model == "mobilenetv2-12-int8@0.0.0" and not p.unknown
+    assert set(p.timings) == {"decode_ms", "preprocess_ms", "inference_ms"} and p.timings["inference_ms"] > 0
+    json.dumps(p.to_dict())
+
+
+def test_every_input_kind_gives_the_same_answer(imagenet: Classifier, sample_photos):
+    path = sample_photos[10]
+    data = path.read_bytes()
+    pixels = np.array(Image.open(path).convert("RGB"))
+    inputs = [
+        path, str(path), data, io.BytesIO(data), base64.b64encode(data).decode(),
+        "data:image/jpeg;base64," + base64.b64encode(data).decode(), Image.open(path),
+        pixels, torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(pixels).permute(2, 0, 1) / 255.0,
+    ]
+    predictions = imagenet.predict_batch(inputs)
+    assert all(p.ok for p in predictions), [p.error for p in predictions]
+    expected = predictions[0]
+    for p in predictions:
+        assert p.index == expected.index
+        assert abs(p.score - expected.score) < 1e-3
+
+
+def test_bad_items_do_not_spoil_the_batch(imagenet: Classifier, sample_photos):
+    good = sample_photos[3]
+    alone = imagenet.predict(good)
+    items = [b"", good, "no/such/file.jpg", b"not an image at all", 42, good, "https://example.invalid/x.jpg"]
+    predictions = imagenet.predict_batch(items)
+    kinds = [type(p.error).__name__ if p.error else None for p in predictions]
+    assert kinds == ["EmptyInputError", None, "ImageReadError", "UnsupportedFormatError", "InvalidImageError",
+                     None, "InvalidImageError"]
+    for i in (1, 5):
+        assert predictions[i].index == alone.index and abs(predictions[i].score - alone.score) < 1e-6
+    assert predictions[0].to_dict()["error"]["type"] == "EmptyInputError"
+    with pytest.raises(UnsupportedFormatError):
+        imagenet.predict_batch([good, b"not an image at all"], on_error="raise")
+    with pytest.raises(ImageReadError):
+        imagenet.predict("no/such/file.jpg", on_error="raise")
+
+
+def test_urls_only_when_allowed(model_file: Path, sample_photos):
+    data = sample_photos[0].read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/photo.jpg"
+        with Classifier.load(model_file, labels="imagenet1k") as closed:
+            assert isinstance(closed.predict(url).error, InvalidImageError)
+        with Classifier.load(model_file, labels="imagenet1k", allow_urls=True) as open_:
+            fetched = open_.predict(url)
+            assert fetched.ok and fetched.index == open_.predict(data).index
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_predict_iter_streams_in_order(imagenet: Classifier, sample_photos):
+    photos = sample_photos[:37]
+    one_by_one = [imagenet.predict(p).index for p in photos]
+    seen = []
+    for p in imagenet.predict_iter(iter(photos), batch_size=8):
+        seen.append(p.index)
+    assert seen == one_by_one
+
+
+def test_imagenet_accuracy_matches_pillow_reference(imagenet: Classifier, sample_photos, labels_csv, model_file):
+    import onnxruntime as ort
+
+    truth = np.array([labels_csv[p.name] for p in sample_photos])
+    ours = np.array([p.index for p in imagenet.predict_batch(sample_photos)])
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    reference = []
+    for path in sample_photos:  # the README's recipe with Pillow, one image at a time
+        im = Image.open(path).convert("RGB")
+        w, h = im.size
+        nw, nh = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = int(round((nw - 224) / 2.0)), int(round((nh - 224) / 2.0))
+        x = (np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255 - mean) / std
+        reference.append(int(session.run(None, {"input": x.transpose(2, 0, 1)[None]})[0].argmax()))
+    ours_top1, ref_top1 = float((ours == truth).mean()), float((np.array(reference) == truth).mean())
+    print(f"\n[accuracy] imagenet1k top-1: speciesclf {ours_top1:.4f}, Pillow reference {ref_top1:.4f}")
+    assert abs(ours_top1 - ref_top1) <= 0.01
+    assert ref_top1 > 0.78
+
+
+def test_postprocessor_rules():
+    logits = np.array([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 5.0, 5.0]])
+    plain = PostProcessor()(logits)
+    np.testing.assert_allclose(plain.probabilities.sum(axis=1), 1.0)
+    assert plain.probabilities[0].argmax() == 0 and not plain.unknown.any()
+    hot = PostProcessor(temperature=0.5)(logits)
+    assert hot.probabilities[0, 0] > plain.probabilities[0, 0]
+    subset = PostProcessor(label_subset=[0, 1], unknown_method="subset_mass", unknown_threshold=0.5)(logits)
+    np.testing.assert_allclose(subset.probabilities.sum(axis=1), 1.0)
+    assert subset.unknown.tolist() == [False, True]
+    maxp = PostProcessor(unknown_method="max_probability", unknown_threshold=0.6)(logits)
+    assert maxp.unknown.tolist() == [False, True]
+    probs = PostProcessor(output_kind="probabilities")(np.array([[0.2, 0.8]]))
+    np.testing.assert_allclose(probs.probabilities, [[0.2, 0.8]])
+    with pytest.raises(ValueError):
+        PostProcessor(unknown_method="subset_mass", unknown_threshold=0.5)
+    with pytest.raises(ValueError):
+        PostProcessor(temperature=0)
+
+
+def test_hooks_are_called(model_file: Path, sample_photos):
+    calls = []
+    hooks = {
+        "on_load": lambda clf: calls.append(("load", clf.model)),
+        "before_predict": lambda clf, items: calls.append(("before", len(items))),
+        "after_predict": lambda clf, preds: calls.append(("after", len(preds))),
+    }
+    with Classifier.load(model_file, labels="imagenet1k", hooks=hooks) as clf:
+        clf.predict_batch(sample_photos[:3])
+    assert calls == [("load", "mobilenetv2-12-int8@0.0.0"), ("before", 3), ("after", 3)]
+
+
+def test_html_repr(imagenet: Classifier, sample_photos):
+    page = imagenet.predict(sample_photos[0])._repr_html_()
+    assert "<img src='data:image/jpeg;base64," in page and "<table>" in page
+    assert "EmptyInputError" in imagenet.predict(b"")._repr_html_()
+
+
+def test_raw_model_needs_labels(model_file: Path):
+    with pytest.raises(ValueError, match="labels="):
+        Classifier.load(model_file)
+    with pytest.raises(FileNotFoundError):
+        Classifier.load(model_file.parent / "missing.onnx", labels="imagenet1k")
