@@ -25,9 +25,10 @@ Image.open(BytesIO).convert("RGB"), resize the shorter side to 256 with Image.BI
 int(256 * long / short)), crop 224x224 at int(round((W - 224) / 2.0)), int(round((H - 224) / 2.0)), / 255,
 ImageNet mean/std in float32, HWC -> CHW. Every ORT session the script makes has intra_op_num_threads=2.
 
-Each method runs once untimed over all the images first (warm-up; its top-1 classes are kept for the
-agreement lines), then the methods are timed in rounds, interleaved (each round starts one method later
-than the last, so no method always follows the same one), and the table reports the median per method.
+Each method runs once untimed over all the images first (warm-up; --quick: over the first 128), then the
+methods are timed in rounds, interleaved (each round starts one method later than the last, so no method
+always follows the same one), and the table reports the median per method. The top-1 agreement lines
+compare the classes the first timed round produced.
 
 This machine may be shared (builds, test runs): before each round the script waits, within --max-wait
 seconds in all, until other processes use less than --idle-threshold cores; it reports the CPU other
@@ -337,23 +338,22 @@ class ForeignLoad:
             log(f"[bench] waited {time.perf_counter() - t0:.1f} s (wait budget left {max(0.0, budget[0]):.0f} s)")
 
 
-def measure(methods: list[Method], datas: list[bytes], repeats: int, extra_rounds: int, threshold: float,
-            wait: Callable[[], None], log: Callable[[str], None]) -> tuple[dict, dict, list[float], dict]:
-    """Warms every method up, then times them in interleaved rounds until ``repeats`` rounds ran while other
-    processes used less than ``threshold`` cores (or ``extra_rounds`` more rounds were spent trying).
+def measure(methods: list[Method], datas: list[bytes], warm: list[bytes], repeats: int, extra_rounds: int,
+            threshold: float, wait: Callable[[], None], log: Callable[[str], None]):
+    """Warms every method up on ``warm``, then times them on ``datas`` in interleaved rounds until ``repeats``
+    rounds ran while other processes used less than ``threshold`` cores (or ``extra_rounds`` more rounds were
+    spent trying).
 
     Returns ({name: [s per round]}, {name: [own CPU cores per round]}, [other processes' cores per round],
-    {name: top-1 classes from the warm-up pass}).
+    {name: the first timed round's result}).
     """
-    top1 = {}
     for m in methods:
         t0 = time.perf_counter()
-        result = m.run(datas)
-        if m.top1 is not None:
-            top1[m.name] = m.top1(result)
+        m.run(warm)
         log(f"[bench] warm-up {m.name}: {time.perf_counter() - t0:.2f} s")
     times: dict[str, list[float]] = {m.name: [] for m in methods}
     cpu: dict[str, list[float]] = {m.name: [] for m in methods}
+    first: dict[str, Any] = {}
     foreign: list[float] = []
     load = ForeignLoad()
     while sum(x < threshold for x in foreign) < repeats and len(foreign) < repeats + extra_rounds:
@@ -362,14 +362,15 @@ def measure(methods: list[Method], datas: list[bytes], repeats: int, extra_round
         a = load.sample()
         for m in methods[shift:] + methods[:shift]:
             c0, t0 = os.times(), time.perf_counter()
-            m.run(datas)
+            result = m.run(datas)
             t1, c1 = time.perf_counter(), os.times()
             times[m.name].append(t1 - t0)
             cpu[m.name].append(((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0))
+            first.setdefault(m.name, result)
         foreign.append(load.cores(a, load.sample()))
         log(f"[bench] round {len(foreign)}: " + ", ".join(f"{m.name} {times[m.name][-1]:.3f} s" for m in methods)
             + f"; other processes {foreign[-1]:.2f} cores")
-    return times, cpu, foreign, top1
+    return times, cpu, foreign, first
 
 
 # --------------------------------------------------------------------------------------------- reporting
@@ -516,7 +517,7 @@ def write_results(results: dict, body: str) -> None:
         f"intra_op_num_threads={THREADS} in every session; predict_batch via `Classifier.load(model, "
         f"labels=\"imagenet1k\", batch_size={BATCH}, threads={THREADS})` with its default spec ({results['spec']})",
         "- Medians over the repeats, methods interleaved round-robin (each round starting one method later), one "
-        "untimed warm-up pass each; encoded bytes in memory; top-5 with softmax in every method but ORT on ready "
+        f"untimed warm-up pass each ({results['warmup']}); encoded bytes in memory; top-5 with softmax in every method but ORT on ready "
         "tensors. The Pillow methods use torchvision's recipe written out (bilinear resize of the shorter side to "
         "256, center crop 224, float32 normalisation, CHW); batched Pillow + ORT preprocesses 64 images into a "
         "preallocated buffer, sequentially or on a ThreadPoolExecutor(2), then runs ORT on them; the faster "
@@ -559,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         help="cores other processes may use for the machine to count as quiet (default 0.25); a round during "
         "which they used more is left out of the medians and run again, up to --repeats extra rounds",
     )
+    p.add_argument(
+        "--warmup-items", type=int, default=None,
+        help="images in each method's untimed warm-up pass (default 0: all of them; --quick 128)",
+    )
     p.add_argument("--no-retry", action="store_true", help="keep every round, quiet or not, and run no extra rounds")
     p.add_argument("--no-diagnostic", action="store_true", help="skip the speciesclf preprocess-only row")
     p.add_argument("--quick", action="store_true", help="a ~30 s smoke run with fewer rounds")
@@ -568,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 11)
     if args.max_wait is None:
         args.max_wait = 10.0 if args.quick else 60.0
+    if args.warmup_items is None:
+        args.warmup_items = 2 * BATCH if args.quick else 0
     if repeats < 1:
         p.error("--repeats must be >= 1")
 
@@ -591,19 +598,21 @@ def main(argv: list[str] | None = None) -> int:
         lambda: import_speciesclf().Classifier.load(model, labels="imagenet1k", batch_size=BATCH, threads=THREADS),
     )
     speciesclf = sys.modules["speciesclf"]  # the module the classifier came from, after any retry
-    failed = [(i, p.error) for i, p in enumerate(clf.predict_batch(datas)) if p.error is not None]
-    if failed:
-        log(f"[bench] warning: predict_batch failed on {len(failed)} photos: {failed[:3]}")
     methods = build_methods(speciesclf, clf, ort, model, datas)
     if args.no_diagnostic:
         methods = [m for m in methods if m.name != PREPROCESS_ONLY]
 
     budget = [float(args.max_wait)]
     load = ForeignLoad()
-    times, cpu, foreign, top1 = measure(
-        methods, datas, repeats, 0 if args.no_retry else repeats, args.idle_threshold,
+    warm = datas[: args.warmup_items] if args.warmup_items else datas
+    times, cpu, foreign, first = measure(
+        methods, datas, warm, repeats, 0 if args.no_retry else repeats, args.idle_threshold,
         lambda: load.wait_idle(budget, args.idle_threshold, log), log,
     )
+    failed = [(i, p.error) for i, p in enumerate(first[PREDICT_BATCH]) if p.error is not None]
+    if failed:
+        log(f"[bench] warning: predict_batch failed on {len(failed)} photos: {failed[:3]}")
+    top1 = {m.name: m.top1(first[m.name]) for m in methods if m.top1 is not None}
     quiet = [i for i, x in enumerate(foreign) if x < args.idle_threshold]
     busy = not quiet
     used = quiet or list(range(len(foreign)))
@@ -618,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "n": len(datas),
         "mean_kb": sum(map(len, datas)) / len(datas) / 1024,
         "repeats": repeats,
+        "warmup": f"first {len(warm)} images" if len(warm) < len(datas) else "all images",
         "methods": [m.name for m in methods],
         "idle_threshold": args.idle_threshold,
         "foreign_cores": foreign,

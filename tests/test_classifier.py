@@ -191,3 +191,33 @@ def test_raw_model_needs_labels(model_file: Path):
         Classifier.load(model_file)
     with pytest.raises(FileNotFoundError):
         Classifier.load(model_file.parent / "missing.onnx", labels="imagenet1k")
+
+
+def test_bundles_registry_and_zip(model_file: Path, sample_photos, tmp_path):
+    from speciesclf import Label, Registry, UnknownRule, create_bundle
+    from speciesclf.builtin import imagenet_labels
+
+    names = {label.index: label.name for label in imagenet_labels()}
+    fish = [Label(i, names[i]) for i in (0, 1, 2, 3, 4)]  # tench, goldfish, great white, tiger shark, hammerhead
+    common = dict(model_file=model_file, labels=fish, name="fish", framework="onnx", num_outputs=1000,
+                  label_subset=(0, 1, 2, 3, 4), unknown=UnknownRule("subset_mass", 0.5))
+    v1 = create_bundle(tmp_path / "fish-1.0.0", version="1.0.0", **common)
+    v2 = create_bundle(tmp_path / "fish-1.1.0.zip", version="1.1.0", notes="same weights, zipped", **common)
+    registry = Registry(tmp_path / "registry")
+    assert registry.register(v1, aliases=["production"]) == "fish@1.0.0"
+    assert registry.register(v2) == "fish@1.1.0"
+
+    tench = next(p for p in sample_photos if "tench" in p.name)
+    cab = next(p for p in sample_photos if p.name.endswith("_cab.JPEG"))
+    for ref, expected in [("fish", "fish@1.0.0"), ("fish@production", "fish@1.0.0"), ("fish@1.1.0", "fish@1.1.0")]:
+        clf = Classifier.load(ref, registry=registry)
+        assert clf.model == expected and clf.labels == [label.name for label in fish]
+        known, other = clf.predict_batch([tench, cab])
+        assert known.label == "tench" and not known.unknown
+        assert other.unknown  # none of the five fish: the subset holds little of the probability
+    zipped = Classifier.load(v2)
+    assert zipped.model == "fish@1.1.0" and zipped.predict(tench).label == "tench"
+    registry.set_alias("fish", "production", "1.1.0")
+    clf = Classifier.load("fish", registry=registry)
+    assert clf.model == "fish@1.1.0"
+    assert clf.reload(v1) == "fish@1.0.0" and clf.predict(tench).model == "fish@1.0.0"

@@ -28,12 +28,12 @@ class TorchRuntime:
             torch.set_num_threads(int(threads))  # process-wide in torch: documented on Classifier.load
         if framework == "torchscript":
             module = torch.jit.load(str(path), map_location=device)
+            module.eval()
         elif framework == "torch-export":
+            # An ExportedProgram was traced in the mode it was exported in; its module has no eval().
             module = torch.export.load(str(path)).module().to(device)
         else:
             raise ValueError(f"TorchRuntime loads torchscript or torch-export models, not {framework!r}")
-        if hasattr(module, "eval"):
-            module.eval()
         self.channels_last = channels_last
         self.module = module
         self._torch = torch
