@@ -90,3 +90,28 @@ def test_hot_swap_keeps_every_request_whole(home, sample_photos):
             t.join()
     assert not failures, failures[:3]
     assert seen == {"species100@1.0.0", "imagenet1k@1.0.0"}
+
+
+def test_cli_classify(home, sample_photos, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    for photo in sample_photos[:4]:
+        shutil.copy(photo, folder / photo.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    run = subprocess.run([sys.executable, "-m", "speciesclf", "classify", str(tmp_path / "photos"), "--format", "json"],
+                         capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert run.returncode == 1 and "1 of 5 images could not be classified" in run.stderr
+    assert [Path(r["file"]).name for r in rows] == sorted(p.name for p in folder.iterdir())
+    broken = next(r for r in rows if r["file"].endswith("broken.jpg"))
+    assert broken["error"]["type"] == "DecodeError" and broken["label"] is None
+    good = [r for r in rows if r["error"] is None]
+    assert len(good) == 4 and all(r["model"] == "species100@1.0.0" for r in good)
+    table = subprocess.run([sys.executable, "-m", "speciesclf", "classify", str(sample_photos[0]), "--model", "imagenet1k"],
+                           capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and "tench" in table.stdout

@@ -134,7 +134,8 @@ class Classifier:
     @classmethod
     def load(cls, source: Any, *, device: str = "auto", backend: str = "auto", labels: Any = None,
              batch_size: int = 64, threads: int | None = None, hooks: Any = None, registry: Any = None,
-             preprocess: PreprocessSpec | None = None, allow_urls: bool = False) -> Classifier:
+             preprocess: PreprocessSpec | None = None, allow_urls: bool = False,
+             runtime_options: Mapping[str, Any] | None = None) -> Classifier:
         """Load a bundle (directory or .zip), a registry reference (``name@1.2.0``, ``name@production``,
         ``name``), a built-in model (``species100``, ``imagenet1k``) or a raw model file (.onnx, TorchScript
         .pt, torch.export .pt2) with ``labels=`` (a list, a labels file, or ``"imagenet1k"``).
@@ -142,9 +143,10 @@ class Classifier:
         ``threads`` sets the inference runtime's and the preprocessing's thread count (torch's is
         process-wide). ``hooks`` is an object or mapping with any of ``on_load(classifier)``,
         ``before_predict(classifier, items)``, ``after_predict(classifier, predictions)``.
+        ``runtime_options`` go to the inference runtime (torch: ``dtype``, ``channels_last``).
         """
         options = dict(device=device, backend=backend, labels=labels, threads=threads, registry=registry,
-                       preprocess=preprocess)
+                       preprocess=preprocess, runtime_options=dict(runtime_options or {}))
         engine = _build_engine(source, **options)
         return cls(engine, batch_size=batch_size, threads=threads, hooks=hooks, allow_urls=allow_urls,
                    load_options=options)
@@ -320,24 +322,23 @@ def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
 # --- building an engine ---------------------------------------------------------------------------------
 
 def _build_engine(source: Any, *, device: str, backend: str, labels: Any, threads: int | None, registry: Any,
-                  preprocess: PreprocessSpec | None) -> _Engine:
+                  preprocess: PreprocessSpec | None, runtime_options: dict[str, Any]) -> _Engine:
     from .bundle import Bundle
 
+    runtime = dict(device=device, backend=backend, threads=threads, options=runtime_options)
     if isinstance(source, Bundle):
-        return _engine_from_bundle(source, device=device, backend=backend, threads=threads)
+        return _engine_from_bundle(source, **runtime)
     if isinstance(source, (str, os.PathLike)):
         path = Path(os.fspath(source))
         if path.exists():
             if path.is_dir() or path.suffix.lower() == ".zip":
-                return _engine_from_bundle(Bundle.open(path), device=device, backend=backend, threads=threads)
+                return _engine_from_bundle(Bundle.open(path), **runtime)
             if labels is None:
                 raise ValueError(f"{path.name}: a raw model file needs labels= (a list, a file or 'imagenet1k')")
-            return _engine_from_file(path, labels=labels, preprocess=preprocess or PreprocessSpec(),
-                                     device=device, backend=backend, threads=threads)
+            return _engine_from_file(path, labels=labels, preprocess=preprocess or PreprocessSpec(), **runtime)
         if path.suffix.lower() in _MODEL_SUFFIXES + (".zip",):
             raise FileNotFoundError(f"no such model file: {path}")
-        return _engine_from_bundle(_resolve_reference(str(source), registry), device=device, backend=backend,
-                                   threads=threads)
+        return _engine_from_bundle(_resolve_reference(str(source), registry), **runtime)
     raise TypeError(f"cannot load a model from {type(source).__name__}")
 
 
@@ -355,9 +356,11 @@ def _resolve_reference(ref: str, registry: Any):
                         f"({', '.join(sorted(builtin.BUILTIN_MODELS))})")
 
 
-def _engine_from_bundle(bundle: Any, *, device: str, backend: str, threads: int | None) -> _Engine:
+def _engine_from_bundle(bundle: Any, *, device: str, backend: str, threads: int | None,
+                        options: dict[str, Any]) -> _Engine:
     m = bundle.manifest
-    runtime = load_runtime(bundle.model_path, m.framework, backend=backend, device=device, threads=threads)
+    runtime = load_runtime(bundle.model_path, m.framework, backend=backend, device=device, threads=threads,
+                           options=options)
     by_index = {label.index: label for label in bundle.labels}
     indices = list(m.label_subset) if m.label_subset is not None else sorted(by_index)
     chosen = [by_index[i] for i in indices]
@@ -375,7 +378,7 @@ def _engine_from_bundle(bundle: Any, *, device: str, backend: str, threads: int 
 
 
 def _engine_from_file(path: Path, *, labels: Any, preprocess: PreprocessSpec, device: str, backend: str,
-                      threads: int | None) -> _Engine:
+                      threads: int | None, options: dict[str, Any]) -> _Engine:
     from .bundle import Label, read_labels
 
     if isinstance(labels, str) and labels == "imagenet1k":
@@ -388,7 +391,8 @@ def _engine_from_file(path: Path, *, labels: Any, preprocess: PreprocessSpec, de
         label_list = [Label(i, str(name)) for i, name in enumerate(labels)]
     else:
         raise TypeError("labels= must be a list of names, a labels file or 'imagenet1k'")
-    runtime = load_runtime(path, framework_for_file(path), backend=backend, device=device, threads=threads)
+    runtime = load_runtime(path, framework_for_file(path), backend=backend, device=device, threads=threads,
+                           options=options)
     return _Engine(ref=f"{path.stem}@0.0.0", runtime=runtime, spec=preprocess,
                    names=tuple(label.name for label in label_list),
                    scientific=tuple(label.scientific_name for label in label_list),

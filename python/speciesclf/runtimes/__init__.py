@@ -40,8 +40,13 @@ def framework_for_file(path: str | Path) -> str:
 
 
 def load_runtime(path: str | Path, framework: str, *, backend: str = "auto", device: str = "auto",
-                 threads: int | None = None) -> Runtime:
-    """Load ``path`` (a model of ``framework``) with the runtime ``backend`` picks."""
+                 threads: int | None = None, options: dict[str, Any] | None = None) -> Runtime:
+    """Load ``path`` (a model of ``framework``) with the runtime ``backend`` picks.
+
+    ``options`` go to the runtime: for torch, ``dtype`` ("float32", "float16" or "bfloat16", the last two
+    on GPUs) and ``channels_last``.
+    """
+    options = dict(options or {})
     if backend not in ("auto", "onnxruntime", "torch"):
         plugins = _plugin_loaders()
         if backend in plugins:
@@ -52,13 +57,13 @@ def load_runtime(path: str | Path, framework: str, *, backend: str = "auto", dev
             raise ValueError("an ONNX model needs the onnxruntime backend")
         from .ort import OnnxRuntime
 
-        return OnnxRuntime(path, device=device, threads=threads)
+        return OnnxRuntime(path, device=device, threads=threads, **options)
     if framework in ("torchscript", "torch-export"):
         if backend == "onnxruntime":
             raise ValueError(f"a {framework} model needs the torch backend")
         from .torch_runtime import TorchRuntime
 
-        return TorchRuntime(path, framework=framework, device=device, threads=threads)
+        return TorchRuntime(path, framework=framework, device=device, threads=threads, **options)
     plugins = _plugin_loaders()
     if framework in plugins:
         return plugins[framework].load()(path, device=device, threads=threads)
