@@ -127,6 +127,9 @@ class Classifier:
         self._load_options = dict(load_options or {})
         self._reload_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="speciesclf-preprocess")
+        # Batch buffers are reused: a fresh 38 MB array per batch costs page faults on every image.
+        self._free_buffers: dict[tuple, list[np.ndarray]] = {}
+        self._buffers_lock = threading.Lock()
         self._hook("on_load", self)
 
     # --- loading ------------------------------------------------------------------------------------
@@ -236,7 +239,11 @@ class Classifier:
             prepared = pending.result()
             following = next(chunks, None)
             pending = self._pool.submit(self._prepare, engine, following) if following is not None else None
-            for prediction in self._infer(engine, prepared, top_k):
+            try:
+                predictions = self._infer(engine, prepared, top_k)
+            finally:
+                self._release_buffer(prepared["buffer"])
+            for prediction in predictions:
                 if on_error == "raise" and prediction.error is not None:
                     raise prediction.error
                 yield prediction
@@ -250,16 +257,37 @@ class Classifier:
             except ImageError as e:
                 errors[i] = e
                 sources.append(b"")  # its slot is reported with the error above
-        batch = preprocess_batch(sources, engine.spec, threads=self.threads, on_error="skip", timings=True)
+        buffer = self._acquire_buffer(engine.spec, len(items))
+        batch = preprocess_batch(sources, engine.spec, threads=self.threads, on_error="skip", timings=True,
+                                 out=buffer)
         for i, error in batch.errors.items():
             errors.setdefault(i, error)
-        return {"items": items, "batch": batch, "errors": errors, "seconds": time.perf_counter() - start}
+        return {"items": items, "batch": batch, "errors": errors, "seconds": time.perf_counter() - start,
+                "buffer": buffer}
+
+    def _acquire_buffer(self, spec: PreprocessSpec, n: int) -> np.ndarray:
+        rows = max(n, self.batch_size)
+        key = (spec.output_shape(rows), spec.dtype)
+        with self._buffers_lock:
+            free = self._free_buffers.get(key)
+            if free:
+                return free.pop()
+        return np.empty(key[0], dtype=spec.numpy_dtype)
+
+    def _release_buffer(self, buffer: np.ndarray) -> None:
+        key = (buffer.shape, buffer.dtype.name)
+        with self._buffers_lock:
+            free = self._free_buffers.setdefault(key, [])
+            if len(free) < 2:  # one being filled, one being read: enough for the pipeline
+                free.append(buffer)
 
     def _infer(self, engine: _Engine, prepared: dict, top_k: int) -> list[Prediction]:
         items, batch, errors = prepared["items"], prepared["batch"], prepared["errors"]
         good = np.flatnonzero(batch.ok)
         start = time.perf_counter()
-        scores = engine.post(engine.runtime.run(batch.array[good])) if len(good) else None
+        # All good: the batch goes to the runtime as it is (no copy); otherwise only the good rows.
+        inputs = batch.array if len(good) == len(items) else batch.array[good]
+        scores = engine.post(engine.runtime.run(inputs)) if len(good) else None
         inference_ms = (time.perf_counter() - start) * 1000 / max(len(good), 1)
         preprocess_ms = prepared["seconds"] * 1000 / max(len(items), 1)
         k = min(top_k, len(engine.names))
