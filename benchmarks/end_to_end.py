@@ -47,16 +47,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime as _dt
 import glob
-import importlib
 import io
-import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,9 +60,12 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "RESULTS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# the shared harness lives next to this script
+from _harness import ForeignLoad, add_output_arguments, add_wait_arguments, finish, fmt  # noqa: E402
+from _harness import import_speciesclf, loadavg, loadavg_line, log, machine_info, retrying, run_info  # noqa: E402
+from _harness import median_and_spread, shared_dir  # noqa: E402
 
 THREADS = 2  # "both cores"
 BATCH = 64
@@ -84,107 +81,6 @@ BATCHED_SEQ = "batched Pillow + ORT (sequential)"
 BATCHED_POOL = "batched Pillow + ORT (2-thread pool)"
 ORT_READY = "ORT on ready tensors"
 PREPROCESS_ONLY = "(diagnostic) speciesclf preprocess only"
-
-RESULTS_HEADER = """# Benchmark results
-
-Each section is one run of one benchmark script, appended by its `--write-results` option and never
-edited afterwards. A section gives the date, the machine (CPU model from `lscpu`, the cores the process
-may use), the exact command, the build that was measured, the table of median throughputs and the ratios
-or target checks the benchmark defines. Compare numbers only within a section or across sections from the
-same machine.
-"""
-
-
-# --------------------------------------------------------------------------------------------- setup
-
-
-def retrying(what: str, fn: Callable[[], Any], attempts: int = 10, delay: float = 3.0) -> Any:
-    """fn(), retried while speciesclf may be half-way through a reinstall by someone else."""
-    error: BaseException | None = None
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as e:  # ImportError, AttributeError, OSError... from a half-written install
-            error = e
-        for name in [n for n in sys.modules if n == "speciesclf" or n.startswith("speciesclf.")]:
-            del sys.modules[name]
-        importlib.invalidate_caches()
-        if attempt + 1 < attempts:
-            print(f"[bench] {what} failed ({error!r}); retrying in {delay:.0f} s", file=sys.stderr)
-            time.sleep(delay)
-    raise SystemExit(f"{what} failed {attempts} times: {error!r}")
-
-
-def import_speciesclf():
-    def attempt():
-        module = importlib.import_module("speciesclf")
-        backend = importlib.import_module("speciesclf._backend")
-        if not backend.native_available():
-            raise ImportError(f"native extension not loaded: {backend.NATIVE_IMPORT_ERROR}")
-        return module
-
-    return retrying("import speciesclf (native)", attempt)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except Exception:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "csrc", "python", "CMakeLists.txt", "pyproject.toml"],
-            cwd=REPO, capture_output=True, text=True, timeout=10,
-        )
-        text = rev.stdout.strip() or "unknown"
-        return text + ("+uncommitted changes in csrc/python/build files" if dirty.stdout.strip() else "")
-    except Exception:
-        return "unknown"
-
-
-def machine_info(speciesclf, ort) -> dict:
-    so = Path(importlib.import_module("speciesclf._native").__file__)
-    info = speciesclf.info()
-    return {
-        "cpu": cpu_model(),
-        "cores": usable_cores(),
-        "platform": platform.platform(),
-        "versions": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "pillow": Image.__version__,
-            "onnxruntime": ort.__version__,
-        },
-        "speciesclf": info.get("version"),
-        "speciesclf_path": str(Path(speciesclf.__file__).parent),
-        "codecs": info.get("codecs"),
-        "simd": info.get("simd"),
-        "compiler": info.get("compiler"),
-        "native_so_mtime": _dt.datetime.fromtimestamp(so.stat().st_mtime).isoformat(timespec="seconds"),
-        "repo_revision": git_revision(),
-    }
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("SPECIESCLF_SHARED", "/work/shared")).resolve()
-
 
 # -------------------------------------------------------------------------------------- the recipe
 
@@ -303,47 +199,6 @@ def build_methods(speciesclf, clf, ort, model: Path, datas: list[bytes]) -> list
 # ---------------------------------------------------------------------------------------------- timing
 
 
-class ForeignLoad:
-    """CPU used by other processes (in cores) between two samples: /proc/stat busy time minus our own."""
-
-    def __init__(self) -> None:
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.ok = os.path.exists("/proc/stat")
-
-    def sample(self) -> tuple[float, float, float]:
-        busy = 0.0
-        if self.ok:
-            with open("/proc/stat", encoding="ascii") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-            # user nice system idle iowait irq softirq steal: everything but idle and iowait is taken
-            busy = (sum(fields[:8]) - fields[3] - fields[4]) / self.tick
-        own = os.times()
-        return time.perf_counter(), busy, own.user + own.system
-
-    @staticmethod
-    def cores(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
-        wall = b[0] - a[0]
-        return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall) if wall > 0 else 0.0
-
-    def wait_idle(self, budget: list[float], threshold: float, log: Callable[[str], None]) -> None:
-        """Waits (spending from budget[0] seconds) until other processes use < threshold cores."""
-        if not self.ok or budget[0] <= 0:
-            return
-        t0, announced = time.perf_counter(), False
-        while budget[0] > 0:
-            a = self.sample()
-            time.sleep(0.5)
-            load = self.cores(a, self.sample())
-            if load < threshold:
-                break
-            if not announced:
-                log(f"[bench] other processes use {load:.2f} cores; waiting for the machine to go quiet")
-                announced = True
-            budget[0] -= time.perf_counter() - a[0]
-        if announced:
-            log(f"[bench] waited {time.perf_counter() - t0:.1f} s (wait budget left {max(0.0, budget[0]):.0f} s)")
-
-
 def measure(methods: list[Method], datas: list[bytes], warm: list[bytes], repeats: int, extra_rounds: int,
             threshold: float, wait: Callable[[], None], log: Callable[[str], None]):
     """Warms every method up on ``warm``, then times them on ``datas`` in interleaved rounds until ``repeats``
@@ -383,26 +238,15 @@ def measure(methods: list[Method], datas: list[bytes], warm: list[bytes], repeat
 
 
 def summarize(times: list[float], cpu: list[float], quiet: list[int], n: int) -> dict:
-    used = [times[i] for i in quiet]
-    med = statistics.median(used)
+    med, spread = median_and_spread(times, quiet)
     return {
         "times_s": times,
         "cpu_cores": cpu,
         "median_s": med,
         "img_per_s": n / med,
-        "spread_pct": 100.0 * (max(used) - min(used)) / med,
+        "spread_pct": spread,
         "median_cpu_cores": statistics.median(cpu[i] for i in quiet),
     }
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-    if x is None:
-        return "–"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    return f"{x:.{digits}f}"
 
 
 def analyse(results: dict) -> tuple[list[str], list[str], list[str], dict]:
@@ -514,42 +358,9 @@ def render(results: dict, ratios: list[str], checks: list[str], sanity: list[str
         + (" — WARNING: no quiet round, treat these rows with caution" if results["busy"] else "") + ".",
         "Spread = (max - min) / median over those rounds; CPU cores = this process's user + system CPU time over "
         "wall time (median), so 2.00 means both cores busy (ORT's spin-waiting counts as busy).",
-        f"Load average before / after: {results['loadavg_before']} / {results['loadavg_after']} "
-        f"({results['machine']['cores']} usable cores).",
+        loadavg_line(results),
     ]
     return "\n".join(lines)
-
-
-def write_results(results: dict, body: str) -> None:
-    m = results["machine"]
-    section = [
-        "",
-        f"## end_to_end.py — files in memory to predictions — {results['date']}",
-        "",
-        f"- Machine: {m['cpu']}, {m['cores']} usable cores ({m['platform']})",
-        f"- Command: `{results['command']}`",
-        f"- Build: speciesclf {m['speciesclf']} (repo {m['repo_revision']}; _native built {m['native_so_mtime']}), "
-        f"{m['compiler']}, SIMD {', '.join(m['simd'] or [])}, codecs {m['codecs']}",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        f"- Model: {results['model']} (input `{INPUT}`, output `{OUTPUT}`), ONNX Runtime CPU provider, "
-        f"intra_op_num_threads={THREADS} in every session; predict_batch via `Classifier.load(model, "
-        f"labels=\"imagenet1k\", batch_size={BATCH}, threads={THREADS})` with its default spec ({results['spec']})",
-        "- Medians over the repeats, methods interleaved round-robin (each round starting one method later), one "
-        f"untimed warm-up pass each ({results['warmup']}); encoded bytes in memory; top-5 with softmax in every "
-        "method but ORT on ready tensors. The Pillow methods use torchvision's recipe written out (bilinear resize "
-        "of the shorter side to 256, center crop 224, float32 normalisation, CHW); batched Pillow + ORT "
-        "preprocesses 64 images into a preallocated buffer, sequentially or on a ThreadPoolExecutor(2), then runs "
-        "ORT on them; the faster variant is the peer. The diagnostic row is speciesclf.preprocess_batch alone over "
-        f"the same chunks of 64, no inference. The run took {results['wall_s']:.0f} s.",
-        "",
-        body,
-        "",
-    ]
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        if new:
-            f.write(RESULTS_HEADER)
-        f.write("\n".join(section))
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -570,25 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 11; --quick 3)")
-    p.add_argument(
-        "--max-wait", type=float, default=None,
-        help="seconds in all to spend waiting, before each round, for other processes to use less than "
-        "--idle-threshold cores (default 60; --quick 10; 0 never waits)",
-    )
-    p.add_argument(
-        "--idle-threshold", type=float, default=0.25,
-        help="cores other processes may use for the machine to count as quiet (default 0.25); a round during "
-        "which they used more is left out of the medians and run again, up to --repeats extra rounds",
-    )
+    add_wait_arguments(p)
     p.add_argument(
         "--warmup-items", type=int, default=None,
         help="images in each method's untimed warm-up pass (default 0: all of them; --quick 128)",
     )
     p.add_argument("--no-retry", action="store_true", help="keep every round, quiet or not, and run no extra rounds")
     p.add_argument("--no-diagnostic", action="store_true", help="skip the speciesclf preprocess-only row")
-    p.add_argument("--quick", action="store_true", help="a ~30 s smoke run with fewer rounds")
-    p.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
-    p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    add_output_arguments(p, "a ~30 s smoke run with fewer rounds")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 11)
     if args.max_wait is None:
@@ -598,11 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1:
         p.error("--repeats must be >= 1")
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     t_start = time.perf_counter()
-    load_before = tuple(round(x, 2) for x in os.getloadavg())
+    load_before = loadavg()
     speciesclf = import_speciesclf()
     import onnxruntime as ort
 
@@ -640,9 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     used = quiet or list(range(len(foreign)))
 
     results: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(["python3", *map(shlex.quote, sys.argv if argv is None else [sys.argv[0], *argv])]),
-        "machine": machine_info(speciesclf, ort),
+        **run_info(argv),
+        "machine": machine_info(speciesclf, {"onnxruntime": ort}),
         "model": str(model),
         "images": f"{folder}/*.JPEG",
         "spec": {k: v for k, v in clf.spec.to_dict().items() if k not in ("max_pixels", "max_bytes")},
@@ -661,21 +457,26 @@ def main(argv: list[str] | None = None) -> int:
         "tied_top1": tied,
         "labels": read_labels(folder, paths),
     }
-    results["loadavg_after"] = tuple(round(x, 2) for x in os.getloadavg())
+    results["loadavg_after"] = loadavg()
     results["wall_s"] = time.perf_counter() - t_start
     ratios, checks, sanity, raw = analyse(results)
     results["raw"] = raw
     results["checks"] = checks
     body = render(results, ratios, checks, sanity)
-    print(body)
-    log(f"[bench] total {results['wall_s']:.0f} s")
-    if args.json:
-        dump = {**results, "top1": {k: v.tolist() for k, v in top1.items()}}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dump, indent=2, default=str) + "\n", encoding="utf-8")
-    if args.write_results:
-        write_results(results, body)
-        log(f"[bench] appended a section to {RESULTS}")
+    dump = {**results, "top1": {k: v.tolist() for k, v in top1.items()}}
+    details = [
+        f"- Model: {results['model']} (input `{INPUT}`, output `{OUTPUT}`), ONNX Runtime CPU provider, "
+        f"intra_op_num_threads={THREADS} in every session; predict_batch via `Classifier.load(model, "
+        f"labels=\"imagenet1k\", batch_size={BATCH}, threads={THREADS})` with its default spec ({results['spec']})",
+        "- Medians over the repeats, methods interleaved round-robin (each round starting one method later), one "
+        f"untimed warm-up pass each ({results['warmup']}); encoded bytes in memory; top-5 with softmax in every "
+        "method but ORT on ready tensors. The Pillow methods use torchvision's recipe written out (bilinear resize "
+        "of the shorter side to 256, center crop 224, float32 normalisation, CHW); batched Pillow + ORT "
+        "preprocesses 64 images into a preallocated buffer, sequentially or on a ThreadPoolExecutor(2), then runs "
+        "ORT on them; the faster variant is the peer. The diagnostic row is speciesclf.preprocess_batch alone over "
+        f"the same chunks of 64, no inference. The run took {results['wall_s']:.0f} s.",
+    ]
+    finish(results, body, args, "end_to_end.py — files in memory to predictions", details, dump)
     return 0
 
 

@@ -56,16 +56,13 @@ fresh pages).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import glob
 import importlib
 import io
 import json
 import os
-import platform
 import random
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -78,8 +75,13 @@ import numpy as np
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "RESULTS.md"
+sys.path.insert(0, str(HERE))
+
+# the shared harness lives next to this script
+from _harness import ForeignLoad, add_output_arguments, add_wait_arguments, finish, fmt  # noqa: E402
+from _harness import import_speciesclf, loadavg, loadavg_line, log, machine_info, run_info, shared_dir  # noqa: E402
+from _harness import median_and_spread, usable_cores  # noqa: E402
+
 DATA_DIR = HERE / "_data"
 
 SIZE, RESIZE = 224, 256
@@ -87,38 +89,7 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 W12, H12, Q12 = 4032, 3024, 90
 
-RESULTS_HEADER = """# Benchmark results
-
-Each section is one run of one benchmark script, appended by its `--write-results` option and never
-edited afterwards. A section gives the date, the machine (CPU model from `lscpu`, the cores the process
-may use), the exact command, the build that was measured, the table of median throughputs and the ratios
-or target checks the benchmark defines. Compare numbers only within a section or across sections from the
-same machine.
-"""
-
-
 # --------------------------------------------------------------------------------------------- setup
-
-
-def import_speciesclf(attempts: int = 10, delay: float = 3.0):
-    """Imports speciesclf with its native extension, retrying while a reinstall may be in progress."""
-    error: BaseException | None = None
-    for attempt in range(attempts):
-        try:
-            module = importlib.import_module("speciesclf")
-            backend = importlib.import_module("speciesclf._backend")
-            if backend.native_available():
-                return module
-            error = backend.NATIVE_IMPORT_ERROR
-        except Exception as e:  # a half-written install: retry
-            error = e
-        for name in [n for n in sys.modules if n == "speciesclf" or n.startswith("speciesclf.")]:
-            del sys.modules[name]
-        importlib.invalidate_caches()
-        if attempt + 1 < attempts:
-            print(f"[bench] speciesclf (native) not importable ({error}); retrying in {delay:.0f} s", file=sys.stderr)
-            time.sleep(delay)
-    raise SystemExit(f"speciesclf with its native extension could not be imported: {error}")
 
 
 def optional_import(name: str):
@@ -128,69 +99,7 @@ def optional_import(name: str):
         return None
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except Exception:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "csrc", "python", "CMakeLists.txt", "pyproject.toml"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        text = rev.stdout.strip() or "unknown"
-        return text + ("+uncommitted changes in csrc/python/build files" if dirty.stdout.strip() else "")
-    except Exception:
-        return "unknown"
-
-
-def machine_info(speciesclf, modules: dict[str, Any]) -> dict:
-    native = importlib.import_module("speciesclf._native")
-    so = Path(native.__file__)
-    info = speciesclf.info()
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "pillow": Image.__version__}
-    for name, module in modules.items():
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
-    return {
-        "cpu": cpu_model(),
-        "cores": usable_cores(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "speciesclf": info.get("version"),
-        "codecs": info.get("codecs"),
-        "simd": info.get("simd"),
-        "compiler": info.get("compiler"),
-        "native_so": str(so),
-        "native_so_mtime": _dt.datetime.fromtimestamp(so.stat().st_mtime).isoformat(timespec="seconds"),
-        "repo_revision": git_revision(),
-    }
-
-
 # ------------------------------------------------------------------------------------------ data sets
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("SPECIESCLF_SHARED", str(REPO.parent / "shared"))).resolve()
 
 
 def shared_photo_paths() -> list[Path]:
@@ -362,47 +271,6 @@ class Methods:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-class ForeignLoad:
-    """CPU used by other processes (in cores) between two samples: /proc/stat busy time minus our own."""
-
-    def __init__(self) -> None:
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.ok = os.path.exists("/proc/stat")
-
-    def sample(self) -> tuple[float, float, float]:
-        busy = 0.0
-        if self.ok:
-            with open("/proc/stat", encoding="ascii") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-            # user nice system idle iowait irq softirq steal: everything but idle and iowait is taken
-            busy = (sum(fields[:8]) - fields[3] - fields[4]) / self.tick
-        own = os.times()
-        return time.perf_counter(), busy, own.user + own.system
-
-    @staticmethod
-    def cores(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
-        wall = b[0] - a[0]
-        return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall) if wall > 0 else 0.0
-
-    def wait_idle(self, budget: list[float], threshold: float, log: Callable[[str], None]) -> None:
-        """Waits (spending from budget[0] seconds) until other processes use < threshold cores."""
-        if not self.ok or budget[0] <= 0:
-            return
-        t0, announced = time.perf_counter(), False
-        while budget[0] > 0:
-            a = self.sample()
-            time.sleep(0.5)
-            load = self.cores(a, self.sample())
-            if load < threshold:
-                break
-            if not announced:
-                log(f"[bench] other processes use {load:.2f} cores; waiting for the machine to go quiet")
-                announced = True
-            budget[0] -= time.perf_counter() - a[0]
-        if announced:
-            log(f"[bench] waited {time.perf_counter() - t0:.1f} s (wait budget left {max(0.0, budget[0]):.0f} s)")
-
-
 def measure(
     methods: Methods,
     names: list[str],
@@ -465,8 +333,7 @@ def parity(methods: Methods, datas: list[bytes]) -> dict:
 def summarize(times: list[float], faults: list[float], foreign: list[float], threshold: float, n: int, mp: float) -> dict:
     """Medians over the quiet rounds (all rounds if none was quiet); every round stays in the JSON."""
     quiet = [i for i, x in enumerate(foreign) if x < threshold] or list(range(len(times)))
-    used = [times[i] for i in quiet]
-    med = statistics.median(used)
+    med, spread = median_and_spread(times, quiet)
     return {
         "times_s": times,
         "minor_faults_per_img": faults,
@@ -474,19 +341,9 @@ def summarize(times: list[float], faults: list[float], foreign: list[float], thr
         "median_s": med,
         "img_per_s": n / med,
         "mp_per_s": mp / med,
-        "spread_pct": 100.0 * (max(used) - min(used)) / med,
+        "spread_pct": spread,
         "median_minor_faults_per_img": statistics.median(faults[i] for i in quiet),
     }
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-    if x is None:
-        return "–"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    return f"{x:.{digits}f}"
 
 
 def table(results: dict, names: list[str], thread_counts: list[int]) -> str:
@@ -701,39 +558,9 @@ def render(results: dict, names: list[str], thread_counts: list[int], info: list
         "Spread = (max - min) / median over those rounds; faults/img = minor page faults per image (median), "
         "i.e. fresh memory the allocator had to map (for pillow-reference on large images this depends on "
         "glibc malloc's state, so it can differ between processes; every round's value is in --json).",
-        f"Load average before / after: {results['loadavg_before']} / {results['loadavg_after']} "
-        f"({m['cores']} usable cores).",
+        loadavg_line(results),
     ]
     return "\n".join(out)
-
-
-def write_results(results: dict, body: str) -> None:
-    m = results["machine"]
-    section = [
-        "",
-        f"## preprocess.py — preprocessing throughput — {results['date']}",
-        "",
-        f"- Machine: {m['cpu']}, {m['cores']} usable cores ({m['platform']})",
-        f"- Command: `{results['command']}`",
-        f"- Build: speciesclf {m['speciesclf']} (repo {m['repo_revision']}; _native built {m['native_so_mtime']}), "
-        f"{m['compiler']}, SIMD {', '.join(m['simd'] or [])}, codecs {m['codecs']}",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        f"- Spec: speciesclf.PreprocessSpec() defaults ({results['spec']})",
-        "- Medians over the repeats, methods interleaved round-robin, one untimed warm-up pass each; encoded bytes in "
-        "memory; torch and OpenCV limited to 1 intra-op thread, T > 1 via ThreadPoolExecutor(T) for the "
-        "per-image methods. MP/s counts source-image megapixels. The `pillow-reference (fresh …)` rows time the "
-        "same recipe alone in a child process, with glibc malloc defaults or with MALLOC_MMAP_THRESHOLD_=32 MiB and "
-        "MALLOC_TRIM_THRESHOLD_=1 GiB (see the script's docstring); `× pillow-ref` is always relative to the "
-        f"in-process row. The run took {results['wall_s']:.0f} s.",
-        "",
-        body,
-        "",
-    ]
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        if new:
-            f.write(RESULTS_HEADER)
-        f.write("\n".join(section))
 
 
 # ------------------------------------------------------------------------------ fresh-process reference
@@ -824,25 +651,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--warmup-items", type=int, default=0, help="images in each method's warm-up call (default 0: the whole set)"
     )
-    p.add_argument(
-        "--max-wait",
-        type=float,
-        default=None,
-        help="seconds in all to spend waiting, before each round, for other processes to use less than "
-        "--idle-threshold cores (default 60; --quick 10; 0 never waits)",
-    )
-    p.add_argument(
-        "--idle-threshold",
-        type=float,
-        default=0.25,
-        help="cores other processes may use for the machine to count as quiet (default 0.25); a round during "
-        "which they used more is left out of the medians and run again, up to --repeats extra rounds",
-    )
+    add_wait_arguments(p)
     p.add_argument("--no-retry", action="store_true", help="keep every round, quiet or not, and run no extra rounds")
     p.add_argument("--no-12mp", action="store_true", help="skip the 12 MP data set")
-    p.add_argument("--quick", action="store_true", help="a ~30 s smoke run with smaller sets and fewer repeats")
-    p.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
-    p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    add_output_arguments(p, "a ~30 s smoke run with smaller sets and fewer repeats")
     p.add_argument(
         "--no-fresh-reference",
         action="store_true",
@@ -861,11 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(repeats, repeats12) < 1 or n12 < 0:
         p.error("repeats must be >= 1 and --n12mp >= 0")
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     t_start = time.perf_counter()
-    load_before = tuple(round(x, 2) for x in os.getloadavg())
+    load_before = loadavg()
     scl = import_speciesclf()
     torch = optional_import("torch")
     simplejpeg = optional_import("simplejpeg")
@@ -927,8 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[bench] warning: native failed on {len(check.errors)} shared photos: {list(check.errors.items())[:3]}")
 
     results: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(["python3", *map(shlex.quote, sys.argv if argv is None else [sys.argv[0], *argv])]),
+        **run_info(argv),
         "machine": machine_info(scl, {"torch": torch, "simplejpeg": simplejpeg, "opencv": cv2}),
         "spec": {k: v for k, v in methods.spec.to_dict().items() if k not in ("max_pixels", "max_bytes")},
         "thread_counts": thread_counts,
@@ -969,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[bench] {s['label']}, {label}: {time.perf_counter() - t0:.1f} s")
         results["datasets"].append(ds)
 
-    results["loadavg_after"] = tuple(round(x, 2) for x in os.getloadavg())
+    results["loadavg_after"] = loadavg()
     results["wall_s"] = time.perf_counter() - t_start
     info, checks, raw = ratio_lines(results, thread_counts)
     results["ratios"] = raw
@@ -977,13 +785,16 @@ def main(argv: list[str] | None = None) -> int:
     if any(FRESH_REFERENCE in r for ds in results["datasets"] for r in ds["results"].values()):
         names = [*names[:3], *(label for label, _ in FRESH_VARIANTS), *names[3:]]
     body = render(results, names, thread_counts, info, checks)
-    print(body)
-    log(f"[bench] total {results['wall_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    if args.write_results:
-        write_results(results, body)
-        log(f"[bench] appended a section to {RESULTS}")
+    details = [
+        f"- Spec: speciesclf.PreprocessSpec() defaults ({results['spec']})",
+        "- Medians over the repeats, methods interleaved round-robin, one untimed warm-up pass each; encoded bytes in "
+        "memory; torch and OpenCV limited to 1 intra-op thread, T > 1 via ThreadPoolExecutor(T) for the "
+        "per-image methods. MP/s counts source-image megapixels. The `pillow-reference (fresh …)` rows time the "
+        "same recipe alone in a child process, with glibc malloc defaults or with MALLOC_MMAP_THRESHOLD_=32 MiB and "
+        "MALLOC_TRIM_THRESHOLD_=1 GiB (see the script's docstring); `× pillow-ref` is always relative to the "
+        f"in-process row. The run took {results['wall_s']:.0f} s.",
+    ]
+    finish(results, body, args, "preprocess.py — preprocessing throughput", details)
     return 0
 
 
