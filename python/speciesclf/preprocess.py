@@ -56,6 +56,7 @@ def preprocess_batch(
     out: Any = None,
     on_error: Literal["raise", "skip"] = "raise",
     timings: bool = False,
+    device: str = "cpu",
 ) -> Batch:
     """Decode, resize, crop and normalise ``items`` into one (N, 3, size, size) batch (or NHWC).
 
@@ -67,6 +68,10 @@ def preprocess_batch(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if device != "cpu":
+        if not str(device).startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        raise RuntimeError("speciesclf was built without CUDA: GPU preprocessing is not available in this build")
     if not isinstance(spec, PreprocessSpec):
         raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
     chosen = _backend.resolve(backend)
