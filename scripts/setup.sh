@@ -22,4 +22,4 @@ PY=${PYTHON:-python3}
 # torch==2.13.0 is the CPU wheel on this machine's disk; an open range would pull a multi-GB CUDA build.
 "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
 "$PY" -m pip install -q --disable-pip-version-check scikit-build-core pybind11 cmake ninja
-"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation ".[test,onnx]"
+"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation ".[test,onnx,serve]"

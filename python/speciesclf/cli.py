@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_cmd_preprocess)
 
     _add_bundle_registry_commands(sub)
+    _add_serve_command(sub)
 
     args = parser.parse_args(argv)
     return args.run(args)
@@ -389,3 +390,41 @@ def _add_bundle_registry_commands(sub) -> None:
     p.add_argument("name")
     p.add_argument("version")
     p.set_defaults(run=_bundle_errors(_cmd_registry_delete))
+
+
+# ------------------------------------------------------------------------------------------------
+# `speciesclf serve` (the HTTP service). Self-contained: reached only through _add_serve_command().
+# ------------------------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServeConfig, run
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"speciesclf: error: serve needs the 'serve' extra (pip install 'speciesclf[serve]'): {e}",
+              file=sys.stderr)
+        return 1
+    try:
+        config = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, default_timeout_ms=args.timeout_ms)
+    except ValueError as e:
+        print(f"speciesclf: error: {e}", file=sys.stderr)
+        return 1
+    run(args.model, config, log_level=args.log_level)
+    return 0
+
+
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP (needs the 'serve' extra)")
+    p.add_argument("--model", default="species100",
+                   help="bundle path, registry reference or built-in model (default: species100)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="images per inference call")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long to wait to fill a batch")
+    p.add_argument("--max-queue", type=int, default=256, help="images waiting; beyond it requests get 429")
+    p.add_argument("--timeout-ms", type=int, default=10_000, help="default per-request deadline")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=_cmd_serve)

@@ -1,0 +1,414 @@
+"""The FastAPI application: endpoints, validation, request ids, metrics and logs around the Batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ._images import ApiError, check_image, decode_base64, error_for_prediction
+from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from .config import ServeConfig
+from .logs import log
+from .metrics import Metrics
+
+__all__ = ["create_app"]
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ROUTES = ("/v1/predict", "/v1/predict/batch", "/v1/models", "/healthz", "/readyz", "/metrics")
+
+
+class _State:
+    def __init__(self, source: Any, config: ServeConfig):
+        self.source = source
+        self.config = config
+        self.metrics = Metrics()
+        self.classifier: Any = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.load_error: str | None = None
+        self.owns_classifier = False
+        self.loader: asyncio.Task | None = None
+
+
+def _error_response(error: ApiError, state: _State) -> JSONResponse:
+    state.metrics.error(error.code)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> FastAPI:
+    """A FastAPI app serving ``classifier_or_ref`` (a :class:`~speciesclf.Classifier`, or anything
+    ``Classifier.load`` takes, loaded in the background at startup). /readyz answers 200 once the model is
+    loaded and has made one warm-up prediction. Run it with uvicorn (``speciesclf serve``)."""
+    config = config if config is not None else ServeConfig()
+    if not isinstance(config, ServeConfig):
+        raise TypeError(f"config must be a ServeConfig, got {type(config).__name__}")
+    state = _State(classifier_or_ref, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.loader = asyncio.get_running_loop().create_task(_load(state))
+        try:
+            yield
+        finally:
+            if not state.loader.done():
+                state.loader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await state.loader
+            if state.batcher is not None:
+                await state.batcher.stop(config.drain_timeout_s)
+            if state.owns_classifier and state.classifier is not None:
+                state.classifier.close()
+            state.ready = state.metrics.ready = False
+            log("shutdown", model=state.metrics.model)
+
+    app = FastAPI(title="speciesclf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+    app.add_middleware(_RequestMiddleware, state=state)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_response(exc, state)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return _error_response(ApiError(exc.status_code, code, str(exc.detail)), state)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return _error_response(ApiError(422, "invalid_request", str(exc.errors())[:500]), state)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log("internal error", level=40, error=f"{type(exc).__name__}: {exc}")
+        return _error_response(ApiError(500, "internal", "internal error"), state)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if state.ready:
+            return {"status": "ready", "model": state.classifier.model}
+        body = {"status": "loading" if state.load_error is None else "failed"}
+        if state.load_error:
+            body["error"] = state.load_error
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        clf = _require_ready(state)
+        spec = clf.spec
+        return {"models": [{
+            "model": clf.model,
+            "labels": len(clf.labels),
+            "device": clf.device,
+            "preprocessing": {
+                "size": spec.size, "resize": spec.resize, "crop": spec.crop, "mean": list(spec.mean),
+                "std": list(spec.std), "interpolation": spec.interpolation, "dtype": spec.dtype,
+                "layout": spec.layout, "max_pixels": spec.max_pixels, "max_bytes": spec.max_bytes,
+            },
+            "serving": {k: v for k, v in config.to_dict().items() if k not in ("host", "port")},
+        }]}
+
+    @app.post("/v1/predict")
+    async def predict(request: Request):
+        clf = _require_ready(state)
+        timeout_s = _timeout(request, config)
+        top_k = _top_k(request.query_params.get("top_k"), config, source="query parameter top_k")
+        body = await _read_body(request, config)
+        kind = _body_kind(request)
+        if kind == "json":
+            payload = _json(body)
+            if "url" in payload:
+                raise ApiError(400, "url_not_allowed", "URL inputs are off in this service; send the image bytes")
+            _only(payload, {"image", "top_k"})
+            if "image" not in payload:
+                raise ApiError(422, "invalid_request", "JSON body needs an 'image' field (base64 or data: URI)")
+            if "top_k" in payload:
+                top_k = _top_k(payload["top_k"], config)
+            image = decode_base64(payload["image"])
+        elif kind == "multipart":
+            form = await _form(request, config)
+            try:
+                files = [v for k, v in form.multi_items() if k == "file" and hasattr(v, "read")]
+                if len(files) != 1:
+                    raise ApiError(422, "invalid_request", "multipart body needs exactly one file field 'file'")
+                image = await files[0].read()
+                if form.get("top_k") is not None:
+                    top_k = _top_k(form.get("top_k"), config)
+            finally:
+                await form.close()
+        else:
+            image = body
+        check_image(image, min_side=config.min_side, max_pixels=config.max_pixels)
+        predictions, batch_size = await _infer(state, request, [image], top_k, timeout_s)
+        p = predictions[0]
+        if p.error is not None:
+            raise error_for_prediction(p.error)
+        _count(state, p)
+        return _prediction_dict(p, top_k)
+
+    @app.post("/v1/predict/batch")
+    async def predict_batch(request: Request):
+        _require_ready(state)
+        timeout_s = _timeout(request, config)
+        top_k = _top_k(request.query_params.get("top_k"), config, source="query parameter top_k")
+        body = await _read_body(request, config)
+        kind = _body_kind(request)
+        items: list[Any] = []  # bytes, or an ApiError for the item
+        if kind == "json":
+            payload = _json(body)
+            _only(payload, {"images", "top_k"})
+            images = payload.get("images")
+            if not isinstance(images, list):
+                raise ApiError(422, "invalid_request", "JSON body needs 'images': a list of base64 strings")
+            if "top_k" in payload:
+                top_k = _top_k(payload["top_k"], config)
+            _batch_count(len(images), config)
+            for i, value in enumerate(images):
+                try:
+                    items.append(decode_base64(value, field=f"images[{i}]"))
+                except ApiError as e:
+                    if e.code == "invalid_request":
+                        e = ApiError(e.status, "invalid_base64", e.message)
+                    items.append(e)
+        elif kind == "multipart":
+            form = await _form(request, config)
+            try:
+                files = [v for k, v in form.multi_items() if k in ("files", "file") and hasattr(v, "read")]
+                _batch_count(len(files), config)
+                for f in files:
+                    items.append(await f.read())
+                if form.get("top_k") is not None:
+                    top_k = _top_k(form.get("top_k"), config)
+            finally:
+                await form.close()
+        else:
+            raise ApiError(415 if body else 422, "invalid_request",
+                           "send JSON {'images': [...]} or multipart with several 'files'")
+        good: list[int] = []
+        for i, item in enumerate(items):
+            if isinstance(item, bytes):
+                try:
+                    check_image(item, min_side=config.min_side, max_pixels=config.max_pixels, field=f"images[{i}]")
+                    good.append(i)
+                except ApiError as e:
+                    items[i] = e
+        results: list[Any] = list(items)
+        if good:
+            predictions, _ = await _infer(state, request, [items[i] for i in good], top_k, timeout_s)
+            for i, p in zip(good, predictions):
+                results[i] = error_for_prediction(p.error, field=f"images[{i}]") if p.error is not None else p
+        out = []
+        for r in results:
+            if isinstance(r, ApiError):
+                state.metrics.error(r.code)
+                out.append(r.body())
+            else:
+                _count(state, r)
+                out.append(_prediction_dict(r, top_k))
+        return {"predictions": out}
+
+    return app
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+async def _load(state: _State) -> None:
+    from ..classifier import Classifier
+
+    loop = asyncio.get_running_loop()
+    try:
+        if isinstance(state.source, Classifier) or hasattr(state.source, "predict_batch"):
+            clf = state.source
+        else:
+            clf = await loop.run_in_executor(None, Classifier.load, state.source)
+            state.owns_classifier = True
+        state.classifier = clf
+        if state.config.warmup:
+            import numpy as np
+
+            dummy = np.full((64, 64, 3), 127, dtype=np.uint8)
+            warm = await loop.run_in_executor(None, lambda: clf.predict_batch([dummy], top_k=1))
+            if warm[0].error is not None:
+                raise RuntimeError(f"warm-up prediction failed: {warm[0].error}")
+        state.batcher = Batcher(clf, state.config, state.metrics)
+        state.batcher.start()
+        state.metrics.model = clf.model
+        state.ready = state.metrics.ready = True
+        log("ready", model=clf.model)
+    except Exception as e:
+        state.load_error = f"{type(e).__name__}: {e}"
+        log("model load failed", level=40, error=state.load_error)
+
+
+def _require_ready(state: _State):
+    if not state.ready or state.batcher is None:
+        raise ApiError(503, "not_ready", state.load_error or "the model is loading", {"Retry-After": "1"})
+    return state.classifier
+
+
+def _timeout(request: Request, config: ServeConfig) -> float:
+    raw = request.headers.get("x-request-timeout-ms")
+    if raw is None:
+        return config.default_timeout_ms / 1000
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if not 1 <= value <= config.max_timeout_ms:
+        raise ApiError(422, "invalid_request",
+                       f"X-Request-Timeout-Ms must be an integer in 1..{config.max_timeout_ms}, got {raw[:40]!r}")
+    return value / 1000
+
+
+def _top_k(value: Any, config: ServeConfig, source: str = "top_k") -> int:
+    if value is None:
+        return 5
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ApiError(422, "invalid_request", f"{source} must be an integer") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= config.max_top_k:
+        raise ApiError(422, "invalid_request", f"{source} must be an integer in 1..{config.max_top_k}")
+    return value
+
+
+def _body_kind(request: Request) -> str:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json" or ctype.endswith("+json"):
+        return "json"
+    if ctype.startswith("multipart/"):
+        return "multipart"
+    return "raw"
+
+
+async def _read_body(request: Request, config: ServeConfig) -> bytes:
+    too_large = ApiError(413, "image_too_large", f"the request body is larger than max_body_bytes={config.max_body_bytes}")
+    length = request.headers.get("content-length")
+    if length is not None and length.strip().isdigit() and int(length) > config.max_body_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > config.max_body_bytes:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # starlette re-reads a consumed body from here (request.form())
+    return body
+
+
+async def _form(request: Request, config: ServeConfig):
+    try:
+        return await request.form(max_files=config.max_batch_request + 1, max_fields=100,
+                                  max_part_size=config.max_body_bytes)
+    except Exception as e:  # multipart parse errors of every kind
+        detail = getattr(e, "detail", None) or str(e) or type(e).__name__
+        raise ApiError(422, "invalid_request", f"malformed multipart body: {detail}") from None
+
+
+def _json(body: bytes) -> dict:
+    if not body:
+        raise ApiError(422, "invalid_request", "empty JSON body")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(422, "invalid_request", f"invalid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(422, "invalid_request", "the JSON body must be an object")
+    return payload
+
+
+def _only(payload: dict, allowed: set[str]) -> None:
+    extra = sorted(set(payload) - allowed)
+    if extra:
+        raise ApiError(422, "invalid_request", f"unknown field(s): {', '.join(map(str, extra))[:200]}")
+
+
+def _batch_count(n: int, config: ServeConfig) -> None:
+    if n == 0:
+        raise ApiError(400, "empty_input", "no images in the batch")
+    if n > config.max_batch_request:
+        raise ApiError(413, "too_many_images", f"{n} images; at most max_batch_request={config.max_batch_request}")
+
+
+async def _infer(state: _State, request: Request, images: list[bytes], top_k: int, timeout_s: float):
+    info = request.scope.setdefault("speciesclf", {})
+    try:
+        predictions, batch_size = await state.batcher.predict(images, top_k, timeout_s)
+    except QueueFull as e:
+        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from None
+    except DeadlineExceeded as e:
+        raise ApiError(503 if e.stage == "queued" else 504,
+                       "deadline_exceeded" if e.stage == "queued" else "inference_timeout", str(e)) from None
+    except ShuttingDown as e:
+        raise ApiError(503, "shutting_down", str(e), {"Retry-After": "1"}) from None
+    info["batch_size"] = batch_size
+    info["images"] = len(images)
+    return predictions, batch_size
+
+
+def _prediction_dict(p: Any, top_k: int) -> dict:
+    d = p.to_dict()
+    d["top_k"] = d["top_k"][:top_k]
+    return d
+
+
+def _count(state: _State, p: Any) -> None:
+    state.metrics.prediction("unknown" if p.unknown else (p.label or ""))
+
+
+class _RequestMiddleware:
+    """Request ids (X-Request-Id in and out), per-route metrics and one JSON log line per request."""
+
+    def __init__(self, app, state: _State):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        path = scope.get("path", "")
+        route = path if path in _ROUTES else "other"
+        info = scope.setdefault("speciesclf", {})
+        info["request_id"] = request_id
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            seconds = time.perf_counter() - start
+            self.state.metrics.request(route, status["code"], seconds)
+            log("request", request_id=request_id, method=scope.get("method"), route=route, status=status["code"],
+                latency_ms=round(seconds * 1000, 3), model=self.state.metrics.model or None,
+                batch_size=info.get("batch_size"), images=info.get("images"))

@@ -1,0 +1,207 @@
+"""Dynamic batching: requests wait in a bounded queue; one worker task coalesces them into inference calls.
+
+All state lives on the event loop's thread; only ``classifier.predict_batch`` runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .config import ServeConfig
+from .metrics import Metrics
+
+__all__ = ["Batcher", "QueueFull", "DeadlineExceeded", "ShuttingDown"]
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue images already (HTTP 429)."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the queue is full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed: ``stage`` is "queued" (HTTP 503) or "inference" (HTTP 504)."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"the request's deadline passed while {'queued' if stage == 'queued' else 'in inference'}")
+        self.stage = stage
+
+
+class ShuttingDown(Exception):
+    """The service is draining and accepts no new work (HTTP 503)."""
+
+
+class _Job:
+    __slots__ = ("images", "top_k", "deadline", "future", "state", "enqueued")
+
+    def __init__(self, images: list[bytes], top_k: int, deadline: float, future: asyncio.Future):
+        self.images = images
+        self.top_k = top_k
+        self.deadline = deadline  # loop.time()
+        self.future = future
+        self.state = "queued"  # queued -> running -> done, or queued -> dropped
+        self.enqueued = time.perf_counter()
+
+
+class Batcher:
+    """Start with :meth:`start` on the running loop; :meth:`predict` from request handlers."""
+
+    def __init__(self, classifier: Any, config: ServeConfig, metrics: Metrics):
+        self.classifier = classifier
+        self.config = config
+        self.metrics = metrics
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._queued_images = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="speciesclf-serve-infer")
+        self._stopping = False
+        self._throughput = 50.0  # images/s, a running estimate for Retry-After
+        self.last_batch_size = 0
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="speciesclf-serve-batcher")
+
+    async def predict(self, images: list[bytes], top_k: int, timeout_s: float) -> tuple[list[Any], int]:
+        """Predictions for ``images`` (in order) and the size of the batch they ran in."""
+        if self._stopping or self._task is None:
+            raise ShuttingDown("the service is shutting down")
+        n = len(images)
+        if self._queued_images + n > self.config.max_queue:
+            backlog = self._queued_images + self.metrics.in_flight
+            raise QueueFull(max(1, int(backlog / max(self._throughput, 1.0) + 0.999)))
+        loop = asyncio.get_running_loop()
+        job = _Job(images, top_k, loop.time() + timeout_s, loop.create_future())
+        self._queue.append(job)
+        self._set_queued(self._queued_images + n)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(timeout_s, 0.0))
+        except asyncio.TimeoutError:
+            if job.state == "queued":
+                self._drop(job)
+                raise DeadlineExceeded("queued") from None
+            raise DeadlineExceeded("inference") from None
+        except asyncio.CancelledError:  # the client went away: do not run its images
+            if job.state == "queued":
+                self._drop(job)
+            raise
+
+    def _set_queued(self, n: int) -> None:
+        self._queued_images = n
+        self.metrics.queue_depth = n
+
+    def _drop(self, job: _Job) -> None:
+        job.state = "dropped"
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            return
+        self._set_queued(self._queued_images - len(job.images))
+
+    def _pop(self) -> _Job:
+        job = self._queue.popleft()
+        self._set_queued(self._queued_images - len(job.images))
+        return job
+
+    async def _next_batch(self) -> list[_Job] | None:
+        loop = asyncio.get_running_loop()
+        while not self._queue:
+            if self._stopping:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        batch = [self._pop()]
+        size = len(batch[0].images)
+        until = loop.time() + self.config.max_wait_ms / 1000
+        while size < self.config.max_batch_size:
+            if self._queue:
+                if size + len(self._queue[0].images) > self.config.max_batch_size:
+                    break  # it starts the next batch
+                job = self._pop()
+                batch.append(job)
+                size += len(job.images)
+                continue
+            remaining = until - loop.time()
+            if remaining <= 0 or self._stopping:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            now = loop.time()
+            live = []
+            for job in batch:
+                if job.future.done() or job.state == "dropped":
+                    continue
+                if now >= job.deadline:  # expired while queued: never run late work
+                    job.state = "dropped"
+                    job.future.set_exception(DeadlineExceeded("queued"))
+                    continue
+                job.state = "running"
+                live.append(job)
+            if not live:
+                continue
+            images = [image for job in live for image in job.images]
+            top_k = max(job.top_k for job in live)
+            self.metrics.in_flight = len(images)
+            self.metrics.batch(len(images))
+            self.last_batch_size = len(images)
+            start = time.perf_counter()
+            try:
+                predictions = await loop.run_in_executor(
+                    self._executor, lambda: self.classifier.predict_batch(images, top_k=top_k))
+            except Exception as e:  # a runtime failure: every request of this batch gets it
+                for job in live:
+                    job.state = "done"
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            finally:
+                self.metrics.in_flight = 0
+            elapsed = max(time.perf_counter() - start, 1e-6)
+            self._throughput = 0.8 * self._throughput + 0.2 * (len(images) / elapsed)
+            at = 0
+            for job in live:
+                job.state = "done"
+                mine = predictions[at:at + len(job.images)]
+                at += len(job.images)
+                if not job.future.done():
+                    job.future.set_result((mine, len(images)))
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Refuse new work, finish what was accepted (up to ``drain_timeout_s``), then stop the worker."""
+        self._stopping = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+                for job in list(self._queue):
+                    if not job.future.done():
+                        job.future.set_exception(ShuttingDown("the service shut down before this request ran"))
+                self._queue.clear()
+                self._set_queued(0)
+        self._executor.shutdown(wait=False)
