@@ -9,7 +9,6 @@ import json
 import logging
 import random
 import re
-import socket
 import struct
 import threading
 import time
@@ -24,42 +23,10 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
+from serve_server import LiveServer  # noqa: E402  (tests/serve_server.py; tests/ is on sys.path via conftest)
 from speciesclf.serve import ServeConfig, create_app  # noqa: E402
 
 # --- helpers ------------------------------------------------------------------------------------------------
-
-
-class LiveServer:
-    """uvicorn in a background thread on a pre-bound loopback socket (a free port)."""
-
-    def __init__(self, app):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="on", access_log=False,
-                                timeout_graceful_shutdown=20)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive(), "uvicorn did not start"
-            assert time.monotonic() < deadline, "uvicorn did not start in 60 s"
-            time.sleep(0.01)
-        with httpx.Client(base_url=self.url) as client:
-            while client.get("/readyz").status_code != 200:
-                assert time.monotonic() < deadline, "the model did not become ready in 60 s"
-                time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-        assert not self.thread.is_alive()
 
 
 class SlowClassifier:
@@ -434,7 +401,9 @@ def test_json_logs_with_request_id_and_no_image_bytes(server: LiveServer, photos
 @pytest.mark.shared
 def test_graceful_shutdown_drains_accepted_work(clf, photos) -> None:
     config = ServeConfig(max_batch_size=2, max_wait_ms=0)
-    live = LiveServer(create_app(SlowClassifier(clf, 0.1), config)).__enter__()
+    app = create_app(SlowClassifier(clf, 0.1), config)
+    live = LiveServer(app).__enter__()
+    metrics = app.state.serve.metrics
     photo, label = photos[0]
 
     def one(_):
@@ -444,7 +413,14 @@ def test_graceful_shutdown_drains_accepted_work(clf, photos) -> None:
     try:
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(one, i) for i in range(6)]
-            time.sleep(0.15)  # all accepted and queued or running
+            # Stop only once all six are accepted (queued or running): a loaded machine may take a while.
+            deadline = time.monotonic() + 10
+            def accepted() -> int:
+                return metrics.queue_depth + metrics.in_flight + sum(metrics.predictions.values())
+
+            while accepted() < 6 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert accepted() == 6
             live.server.should_exit = True
             answers = [f.result() for f in futures]
     finally:

@@ -20,6 +20,8 @@ from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from .config import ServeConfig
 from .logs import log
 from .metrics import Metrics
+from .openapi import openapi_document
+from .._version import __version__
 
 __all__ = ["create_app"]
 
@@ -71,7 +73,10 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
             state.ready = state.metrics.ready = False
             log("shutdown", model=state.metrics.model)
 
-    app = FastAPI(title="speciesclf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="speciesclf", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    # The predict handlers read the raw request (three body forms), which FastAPI cannot see: describe them.
+    app.openapi = lambda: app.openapi_schema or _cache_openapi(app, config.max_top_k)
     app.state.serve = state
     app.add_middleware(_RequestMiddleware, state=state)
 
@@ -412,3 +417,8 @@ class _RequestMiddleware:
             log("request", request_id=request_id, method=scope.get("method"), route=route, status=status["code"],
                 latency_ms=round(seconds * 1000, 3), model=self.state.metrics.model or None,
                 batch_size=info.get("batch_size"), images=info.get("images"))
+
+
+def _cache_openapi(app: FastAPI, max_top_k: int) -> dict:
+    app.openapi_schema = openapi_document(app, max_top_k)
+    return app.openapi_schema

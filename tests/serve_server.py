@@ -1,0 +1,49 @@
+"""A real uvicorn server in a background thread on 127.0.0.1, shared by the serve test modules.
+
+Import it after ``pytest.importorskip("uvicorn")`` / ``("httpx")`` so that a machine without the
+``serve`` extra skips those modules instead of failing to collect them.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+__all__ = ["LiveServer"]
+
+
+class LiveServer:
+    """uvicorn in a background thread on a pre-bound loopback socket (a free port)."""
+
+    def __init__(self, app):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="on", access_log=False,
+                                timeout_graceful_shutdown=20)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive(), "uvicorn did not start"
+            assert time.monotonic() < deadline, "uvicorn did not start in 60 s"
+            time.sleep(0.01)
+        with httpx.Client(base_url=self.url) as client:
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the model did not become ready in 60 s"
+                time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+        assert not self.thread.is_alive()
