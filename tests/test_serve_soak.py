@@ -22,9 +22,6 @@ pytest.importorskip("uvicorn")
 psutil = pytest.importorskip("psutil")
 
 from PIL import Image  # noqa: E402
-from serve_server import LiveServer  # noqa: E402
-
-from speciesclf.serve import ServeConfig, create_app  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
