@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "decoder.h"
+#include "fused_job.h"
 #include "pipeline.h"
 #include "thread_pool.h"
 
@@ -57,7 +58,7 @@ Item describe_item(const py::buffer_info& info, Status* status, std::string* mes
   return item;
 }
 
-std::size_t itemsize_of(DType dtype) { return dtype == DType::kFloat32 ? 4 : dtype == DType::kFloat16 ? 2 : 1; }
+std::size_t itemsize_of(DType dtype) { return std::size_t(dtype_size(dtype)); }
 
 bool is_c_contiguous(const py::buffer_info& info) {
   py::ssize_t expected = info.itemsize;
@@ -186,6 +187,48 @@ py::tuple decode(const py::buffer& data, int min_width, int min_height, uint64_t
   return py::make_tuple(0, std::string(), array);
 }
 
+// The CPU twin of the CUDA kernels (fused_resize.h), for the tests: one image in its stored orientation
+// (HxW or HxWx3 uint8, rows packed) to one output slot, returned as raw bytes.
+py::bytes fused_resize_cpu(const py::buffer& pixels, int orientation, int size, int resize, int filter, int dtype,
+                           int layout, std::vector<float> mean, std::vector<float> std_) {
+  py::buffer_info info = pixels.request();
+  const int channels = info.ndim == 3 ? int(info.shape[2]) : 1;
+  if (info.format != py::format_descriptor<uint8_t>::format() || (info.ndim != 2 && info.ndim != 3) ||
+      (channels != 1 && channels != 3 && channels != 4) || info.strides[1] != channels)
+    throw py::value_error("pixels must be an HxW or HxWx{3,4} uint8 array with packed rows");
+  if (orientation < 1 || orientation > 8) throw py::value_error("orientation must be 1..8");
+  if (mean.size() != 3 || std_.size() != 3) throw py::value_error("mean and std need 3 values");
+  OutputSpec spec;
+  for (int c = 0; c < 3; ++c) {
+    spec.mean[c] = mean[c];
+    spec.std[c] = std_[c];
+  }
+  float table[3][256];
+  normalization_table(spec, table);
+  OutputFormat format;
+  format.size = size;
+  format.dtype = static_cast<DType>(dtype);
+  format.layout = static_cast<Layout>(layout);
+  format.table = &table[0][0];
+  std::string slot(slot_bytes(format), '\0');
+  FusedJob job;
+  job.source.pixels = static_cast<const uint8_t*>(info.ptr);
+  job.source.height = int(info.shape[0]);
+  job.source.width = int(info.shape[1]);
+  job.source.pitch = info.strides[0];
+  job.source.channels = channels;
+  job.source.orientation = orientation;
+  const int w = upright_width(job.source), h = upright_height(job.source);
+  const double box[4] = {0.0, 0.0, double(w), double(h)};
+  set_job_geometry(job, plan_geometry(w, h, size, resize), box, size, static_cast<Filter>(filter));
+  job.slot = reinterpret_cast<uint8_t*>(&slot[0]);
+  {
+    py::gil_scoped_release release;
+    run_job_on_cpu(job, format);
+  }
+  return py::bytes(slot);
+}
+
 py::dict build_info() {
   py::dict codecs;
 #if SPECIESCLF_HAVE_JPEG
@@ -245,6 +288,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("decode", &decode, py::arg("data"), py::arg("min_width"), py::arg("min_height"), py::arg("max_pixels"),
         py::arg("max_bytes"));
   m.def("build_info", &build_info);
+  m.def("_fused_resize_cpu", &fused_resize_cpu, py::arg("pixels"), py::arg("orientation"), py::arg("size"),
+        py::arg("resize"), py::arg("filter"), py::arg("dtype"), py::arg("layout"), py::arg("mean"), py::arg("std"));
   m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });
   m.def("pool_workers", [] { return ThreadPool::instance().worker_count(); });
 }

@@ -85,41 +85,22 @@ void upright_box(const Probe& probe, int reduction, int decoded_width, int decod
   box[3] = y1;
 }
 
-uint16_t float_to_half(float value) {
-  uint32_t x;
-  std::memcpy(&x, &value, sizeof x);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  const uint32_t exponent = (x >> 23) & 0xFFu;
-  uint32_t mantissa = x & 0x7FFFFFu;
-  if (exponent == 0xFF) return uint16_t(sign | 0x7C00u | (mantissa ? 0x200u : 0u));
-  const int e = int(exponent) - 127 + 15;
-  if (e >= 0x1F) return uint16_t(sign | 0x7C00u);
-  if (e <= 0) {
-    if (e < -10) return uint16_t(sign);
-    mantissa |= 0x800000u;
-    const int shift = 14 - e;
-    uint32_t half = mantissa >> shift;
-    const uint32_t rest = mantissa & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
-    return uint16_t(sign | half);
-  }
-  uint32_t half = sign | (uint32_t(e) << 10) | (mantissa >> 13);
-  const uint32_t rest = mantissa & 0x1FFFu;
-  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;  // a carry correctly bumps the exponent
-  return uint16_t(half);
-}
-
-Preprocessor::Preprocessor(const OutputSpec& spec) : spec_(spec) {
-  const std::size_t itemsize = spec.dtype == DType::kFloat32 ? 4 : spec.dtype == DType::kFloat16 ? 2 : 1;
-  slot_bytes_ = std::size_t(spec.size) * spec.size * 3 * itemsize;
+void normalization_table(const OutputSpec& spec, float table[3][256]) {
   for (int c = 0; c < 3; ++c) {
     for (int v = 0; v < 256; ++v) {
       // float32 throughout, in torchvision's order: to [0, 1], subtract the mean, divide by the std.
       const float unit = float(v) / 255.0f;
-      lut_[c][v] = (unit - spec.mean[c]) / spec.std[c];
-      half_lut_[c][v] = float_to_half(lut_[c][v]);
+      table[c][v] = (unit - spec.mean[c]) / spec.std[c];
     }
   }
+}
+
+Preprocessor::Preprocessor(const OutputSpec& spec) : spec_(spec) {
+  slot_bytes_ = std::size_t(spec.size) * spec.size * 3 * dtype_size(spec.dtype);
+  normalization_table(spec, lut_);
+  for (int c = 0; c < 3; ++c)
+    for (int v = 0; v < 256; ++v)
+      bits16_lut_[c][v] = spec.dtype == DType::kBFloat16 ? float_to_bfloat16(lut_[c][v]) : float_to_half(lut_[c][v]);
 }
 
 void Preprocessor::write_row(uint8_t* slot, int row, const uint8_t* rgb) const {
@@ -139,9 +120,9 @@ void Preprocessor::write_row(uint8_t* slot, int row, const uint8_t* rgb) const {
     } else {
       uint16_t* out = reinterpret_cast<uint16_t*>(slot) + offset * 3;
       for (int i = 0; i < 3 * n; i += 3) {
-        out[i] = half_lut_[0][rgb[i]];
-        out[i + 1] = half_lut_[1][rgb[i + 1]];
-        out[i + 2] = half_lut_[2][rgb[i + 2]];
+        out[i] = bits16_lut_[0][rgb[i]];
+        out[i + 1] = bits16_lut_[1][rgb[i + 1]];
+        out[i + 2] = bits16_lut_[2][rgb[i + 2]];
       }
     }
     return;
@@ -156,7 +137,7 @@ void Preprocessor::write_row(uint8_t* slot, int row, const uint8_t* rgb) const {
       for (int x = 0; x < n; ++x) out[x] = lut[rgb[3 * x + c]];
     } else {
       uint16_t* out = reinterpret_cast<uint16_t*>(slot) + c * plane + offset;
-      const uint16_t* lut = half_lut_[c];
+      const uint16_t* lut = bits16_lut_[c];
       for (int x = 0; x < n; ++x) out[x] = lut[rgb[3 * x + c]];
     }
   }

@@ -7,13 +7,11 @@
 #include <string>
 
 #include "decoder.h"
+#include "output_format.h"
 #include "resample.h"
 #include "status.h"
 
 namespace speciesclf {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kUInt8 = 2 };
-enum class Layout : int { kNCHW = 0, kNHWC = 1 };
 
 struct OutputSpec {
   int size = 224;
@@ -60,9 +58,10 @@ class Preprocessor {
   OutputSpec spec_;
   std::size_t slot_bytes_;
   float lut_[3][256];        // value -> normalised float32, computed as torchvision does
-  uint16_t half_lut_[3][256];
+  uint16_t bits16_lut_[3][256];  // the same as float16 or bfloat16 bits, for those dtypes
 };
 
-uint16_t float_to_half(float value);
+// The [3][256] table of `lut_` above, for the GPU path.
+void normalization_table(const OutputSpec& spec, float table[3][256]);
 
 }  // namespace speciesclf

@@ -12,30 +12,17 @@ namespace speciesclf {
 
 void plan_axis(AxisPlan& plan, Filter filter, double in0, double in1, int in_size, int out_size, int out_first,
                int out_count) {
-  const double scale = (in1 - in0) / out_size;
-  const double support = filter_support(filter) * (scale < 1.0 ? 1.0 : scale);
-  plan.taps = int(std::ceil(support)) * 2 + 1;
-  plan.weights.assign(std::size_t(out_count) * plan.taps, 0);
+  plan.taps = axis_taps(filter, in0, in1, out_size);
+  plan.weights.resize(std::size_t(out_count) * plan.taps);
   plan.first.resize(out_count);
   plan.count.resize(out_count);
   plan.input_begin = in_size;
   plan.input_end = 0;
   plan.real_weights.resize(plan.taps);
-  double* weights = plan.real_weights.data();
   for (int j = 0; j < out_count; ++j) {
-    double center;
-    int first, count;
-    const double filter_scale =
-        sample_window(filter, in0, in1, in_size, out_size, out_first + j, &center, &first, &count);
-    const double inverse_scale = 1.0 / filter_scale;  // multiplied, as Pillow does, for identical weights
-    count = std::min(count, plan.taps);
-    double total = 0.0;
-    for (int t = 0; t < count; ++t) {
-      weights[t] = filter_weight(filter, (t + first - center + 0.5) * inverse_scale);
-      total += weights[t];
-    }
-    int32_t* fixed = &plan.weights[std::size_t(j) * plan.taps];
-    for (int t = 0; t < count; ++t) fixed[t] = to_fixed(total != 0.0 ? weights[t] / total : weights[t]);
+    int count;
+    const int first = axis_sample_weights(filter, in0, in1, in_size, out_size, out_first + j, plan.taps,
+                                          plan.real_weights.data(), &plan.weights[std::size_t(j) * plan.taps], &count);
     plan.first[j] = first;
     plan.count[j] = count;
     plan.input_begin = std::min(plan.input_begin, first);

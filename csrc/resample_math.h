@@ -60,4 +60,33 @@ SPECIESCLF_HD inline double sample_window(Filter filter, double in0, double in1,
   return filter_scale;
 }
 
+// Weights stored per output sample along an axis: enough for the widest window of this resize.
+SPECIESCLF_HD inline int axis_taps(Filter filter, double in0, double in1, int out_size) {
+  const double scale = (in1 - in0) / out_size;
+  const double support = filter_support(filter) * (scale < 1.0 ? 1.0 : scale);
+  int whole = int(support);
+  if (whole < support) ++whole;  // ceil, without <cmath> on the device
+  return whole * 2 + 1;
+}
+
+// The fixed-point filter of output sample `index`: fills fixed[0, taps) (zeros past the window),
+// sets *count and returns the first input sample. `real` is scratch for `taps` doubles.
+SPECIESCLF_HD inline int axis_sample_weights(Filter filter, double in0, double in1, int in_size, int out_size,
+                                             int index, int taps, double* real, int32_t* fixed, int* count) {
+  double center;
+  int first, n;
+  const double filter_scale = sample_window(filter, in0, in1, in_size, out_size, index, &center, &first, &n);
+  const double inverse_scale = 1.0 / filter_scale;  // multiplied, as Pillow does, for identical weights
+  if (n > taps) n = taps;
+  double total = 0.0;
+  for (int t = 0; t < n; ++t) {
+    real[t] = filter_weight(filter, (t + first - center + 0.5) * inverse_scale);
+    total += real[t];
+  }
+  for (int t = 0; t < n; ++t) fixed[t] = to_fixed(total != 0.0 ? real[t] / total : real[t]);
+  for (int t = n; t < taps; ++t) fixed[t] = 0;
+  *count = n;
+  return first;
+}
+
 }  // namespace speciesclf

@@ -13,6 +13,7 @@ rm -rf "$scratch/wheel" "$scratch/site" "$scratch"/report.*
 mkdir -p "$scratch"
 python3 -m pip wheel --no-deps --no-build-isolation -q -w "$scratch/wheel" \
   -Ccmake.define.CMAKE_CXX_FLAGS="-fsanitize=address -fno-omit-frame-pointer -g" \
+  -Ccmake.define.SPECIESCLF_CUDA=off \
   -Ccmake.build-type=RelWithDebInfo -Cinstall.strip=false -Cbuild-dir="$scratch/build" .
 python3 -c "import glob, sys, zipfile; zipfile.ZipFile(glob.glob(sys.argv[1] + '/wheel/*.whl')[0]).extractall(sys.argv[1] + '/site')" "$scratch"
 

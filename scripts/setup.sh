@@ -22,4 +22,11 @@ PY=${PYTHON:-python3}
 # torch==2.13.0 is the CPU wheel on this machine's disk; an open range would pull a multi-GB CUDA build.
 "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
 "$PY" -m pip install -q --disable-pip-version-check scikit-build-core pybind11 cmake ninja
+# With a CUDA compiler on the PATH the GPU module is built too (even with no GPU here, so that CUDA code
+# that does not compile fails the build). nvJPEG's header and library come from NVIDIA's wheel for the
+# toolkit's major version (a few MB).
+if command -v nvcc >/dev/null; then
+  cuda_major=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+  "$PY" -m pip install -q --disable-pip-version-check "nvidia-nvjpeg>=${cuda_major}.0,<$((cuda_major + 1))"
+fi
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation ".[test,onnx,serve]"

@@ -351,11 +351,3 @@ def test_cli_preprocess_reports_bad_files(tmp_path):
 def test_cli_usage_errors():
     assert cli().returncode == 2
     assert cli("frobnicate").returncode == 2
-
-
-def test_gpu_preprocessing_needs_a_cuda_build():
-    assert speciesclf.build_info()["cuda"] is False
-    with pytest.raises(RuntimeError, match="speciesclf was built without CUDA"):
-        preprocess_batch([jpeg()], device="cuda")
-    with pytest.raises(ValueError, match="device"):
-        preprocess_batch([jpeg()], device="tpu")

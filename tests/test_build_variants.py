@@ -29,8 +29,15 @@ for fmt in ("JPEG", "PNG", "WEBP"):
 items = list(encoded.values()) + [b"", pixels]
 native = speciesclf.preprocess_batch(items, backend="native", on_error="skip")
 python = speciesclf.preprocess_batch(items, backend="python", on_error="skip")
+try:
+    speciesclf.preprocess_batch(items[:1], device="cuda")
+    gpu_error = None
+except speciesclf.CudaUnavailableError as e:
+    gpu_error = str(e)
 print(json.dumps({
     "codecs": speciesclf.build_info()["codecs"],
+    "cuda": speciesclf.build_info()["cuda"],
+    "gpu_error": gpu_error,
     "ok": native.ok.tolist(),
     "errors": {str(k): type(v).__name__ for k, v in native.errors.items()},
     "equal": bool(np.array_equal(native.array[native.ok], python.array[python.ok])),
@@ -43,7 +50,7 @@ def test_build_without_codecs_falls_back_to_pillow(tmp_path: Path) -> None:
     wheel_dir = tmp_path / "wheel"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir),
-         "-Ccmake.define.SPECIESCLF_WITHOUT=jpeg;png;webp", "-Cbuild-dir=" + str(tmp_path / "build"), str(ROOT)],
+         "-Ccmake.define.SPECIESCLF_WITHOUT=jpeg;png;webp", "-Ccmake.define.SPECIESCLF_CUDA=off", "-Cbuild-dir=" + str(tmp_path / "build"), str(ROOT)],
         capture_output=True, text=True, timeout=600,
     )
     assert build.returncode == 0, build.stderr[-3000:]
@@ -56,6 +63,8 @@ def test_build_without_codecs_falls_back_to_pillow(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["codecs"] == {}
+    assert result["cuda"] is False  # built with SPECIESCLF_CUDA=off: CPU-only is a first-class build
+    assert result["gpu_error"].startswith("speciesclf was built without CUDA")
     assert result["ok"] == [True, True, True, False, True]
     assert result["errors"] == {"3": "EmptyInputError"}
     assert result["equal"], "the codec-less build's output differs from the Pillow path"

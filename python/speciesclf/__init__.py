@@ -3,7 +3,8 @@
 :class:`Classifier` loads a model (a bundle, a registry reference, a built-in model or a raw model file)
 and answers with :class:`Prediction` objects. Underneath, the preprocessing core (:func:`decode`,
 :func:`preprocess_batch` under a :class:`PreprocessSpec`) runs in a native C++ extension
-(``speciesclf._native``) or its pure-Python twin.
+(``speciesclf._native``) or its pure-Python twin; ``device="cuda"`` runs it on a GPU (:mod:`speciesclf.gpu`,
+loaded on first use).
 """
 
 from ._version import __version__
@@ -11,8 +12,10 @@ from .bundle import Bundle, BundleError, Label, Manifest, UnknownRule, create_bu
 from .classifier import Classifier, Prediction
 from .decoding import decode
 from .errors import (
+    CudaUnavailableError,
     DecodeError,
     EmptyInputError,
+    GpuError,
     ImageError,
     ImageReadError,
     ImageTooLargeError,
@@ -30,8 +33,10 @@ __all__ = [
     "Bundle",
     "BundleError",
     "Classifier",
+    "CudaUnavailableError",
     "DecodeError",
     "EmptyInputError",
+    "GpuError",
     "ImageError",
     "ImageReadError",
     "ImageTooLargeError",

@@ -24,5 +24,16 @@ def decode(
     data: bytes | bytearray | memoryview, min_width: int, min_height: int, max_pixels: int, max_bytes: int
 ) -> tuple[int, str, np.ndarray | None]: ...
 def build_info() -> dict[str, Any]: ...
+def _fused_resize_cpu(
+    pixels: np.ndarray,
+    orientation: int,
+    size: int,
+    resize: int,
+    filter: int,
+    dtype: int,
+    layout: int,
+    mean: list[float],
+    std: list[float],
+) -> bytes: ...
 def hardware_threads() -> int: ...
 def pool_workers() -> int: ...

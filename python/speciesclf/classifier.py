@@ -110,6 +110,7 @@ class _Engine:
     scientific: tuple[str | None, ...]
     output_indices: np.ndarray  # model output index of each reported class
     post: PostProcessor
+    gpu: Any = None  # a speciesclf.gpu.GpuPreprocessor when preprocessing runs on the runtime's GPU
 
 
 class Classifier:
@@ -138,7 +139,8 @@ class Classifier:
     def load(cls, source: Any, *, device: str = "auto", backend: str = "auto", labels: Any = None,
              batch_size: int = 64, threads: int | None = None, hooks: Any = None, registry: Any = None,
              preprocess: PreprocessSpec | None = None, allow_urls: bool = False,
-             runtime_options: Mapping[str, Any] | None = None) -> Classifier:
+             runtime_options: Mapping[str, Any] | None = None, precision: str | None = None,
+             gpu_preprocessing: bool | None = None) -> Classifier:
         """Load a bundle (directory or .zip), a registry reference (``name@1.2.0``, ``name@production``,
         ``name``), a built-in model (``species100``, ``imagenet1k``) or a raw model file (.onnx, TorchScript
         .pt, torch.export .pt2) with ``labels=`` (a list, a labels file, or ``"imagenet1k"``).
@@ -146,10 +148,20 @@ class Classifier:
         ``threads`` sets the inference runtime's and the preprocessing's thread count (torch's is
         process-wide). ``hooks`` is an object or mapping with any of ``on_load(classifier)``,
         ``before_predict(classifier, items)``, ``after_predict(classifier, predictions)``.
-        ``runtime_options`` go to the inference runtime (torch: ``dtype``, ``channels_last``).
+        ``runtime_options`` go to the inference runtime (torch: ``dtype``, ``channels_last``, ``cuda_graphs``).
+
+        ``device="cuda"`` runs inference on the GPU and, by default, preprocessing too (nvJPEG decoding and
+        the fused resize kernels of :mod:`speciesclf.gpu`; ``gpu_preprocessing=False`` keeps it on the CPU);
+        preprocessing of the next batch overlaps inference of the current one. ``precision`` ("fp32",
+        "fp16" or "bf16") sets the torch runtime's dtype and the GPU preprocessing output to match.
         """
+        runtime_options = dict(runtime_options or {})
+        if precision is not None:
+            if precision not in _PRECISIONS:
+                raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+            runtime_options["dtype"] = _PRECISIONS[precision]
         options = dict(device=device, backend=backend, labels=labels, threads=threads, registry=registry,
-                       preprocess=preprocess, runtime_options=dict(runtime_options or {}))
+                       preprocess=preprocess, runtime_options=runtime_options, gpu_preprocessing=gpu_preprocessing)
         engine = _build_engine(source, **options)
         return cls(engine, batch_size=batch_size, threads=threads, hooks=hooks, allow_urls=allow_urls,
                    load_options=options)
@@ -182,6 +194,8 @@ class Classifier:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._engine.gpu is not None:
+            self._engine.gpu.close()
 
     def __enter__(self) -> Classifier:
         return self
@@ -257,25 +271,35 @@ class Classifier:
             except ImageError as e:
                 errors[i] = e
                 sources.append(b"")  # its slot is reported with the error above
-        buffer = self._acquire_buffer(engine.spec, len(items))
-        batch = preprocess_batch(sources, engine.spec, threads=self.threads, on_error="skip", timings=True,
-                                 out=buffer)
+        buffer = self._acquire_buffer(engine, len(items))
+        if engine.gpu is not None:
+            batch = engine.gpu(sources, out=buffer[1], on_error="skip")
+        else:
+            batch = preprocess_batch(sources, engine.spec, threads=self.threads, on_error="skip", timings=True,
+                                     out=buffer[1])
         for i, error in batch.errors.items():
             errors.setdefault(i, error)
         return {"items": items, "batch": batch, "errors": errors, "seconds": time.perf_counter() - start,
                 "buffer": buffer}
 
-    def _acquire_buffer(self, spec: PreprocessSpec, n: int) -> np.ndarray:
+    def _acquire_buffer(self, engine: _Engine, n: int) -> tuple[tuple, Any]:
+        """(key, batch buffer): a NumPy array, or a CUDA tensor for GPU preprocessing."""
         rows = max(n, self.batch_size)
-        key = (spec.output_shape(rows), spec.dtype)
+        spec = engine.gpu.spec if engine.gpu is not None else engine.spec
+        shape = spec.output_shape(rows)
+        key = (shape, spec.dtype, None if engine.gpu is None else str(engine.gpu.device))
         with self._buffers_lock:
             free = self._free_buffers.get(key)
             if free:
-                return free.pop()
-        return np.empty(key[0], dtype=spec.numpy_dtype)
+                return key, free.pop()
+        if engine.gpu is None:
+            return key, np.empty(shape, dtype=spec.numpy_dtype)
+        import torch
 
-    def _release_buffer(self, buffer: np.ndarray) -> None:
-        key = (buffer.shape, buffer.dtype.name)
+        return key, torch.empty(shape, dtype=getattr(torch, spec.dtype), device=engine.gpu.device)
+
+    def _release_buffer(self, key_and_buffer: tuple[tuple, Any]) -> None:
+        key, buffer = key_and_buffer
         with self._buffers_lock:
             free = self._free_buffers.setdefault(key, [])
             if len(free) < 2:  # one being filled, one being read: enough for the pipeline
@@ -294,7 +318,8 @@ class Classifier:
         predictions: list[Prediction] = []
         row_of = {int(slot): row for row, slot in enumerate(good)}
         for i, item in enumerate(items):
-            decode_ms = float(batch.seconds[i, 0]) * 1000
+            # GPU preprocessing times the batch as a whole: its decoding is part of preprocess_ms.
+            decode_ms = float(batch.seconds[i, 0]) * 1000 if batch.seconds is not None else 0.0
             timings = {"decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "inference_ms": 0.0}
             source = _keep_for_display(item)
             if i in errors:
@@ -349,8 +374,35 @@ def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 # --- building an engine ---------------------------------------------------------------------------------
 
-def _build_engine(source: Any, *, device: str, backend: str, labels: Any, threads: int | None, registry: Any,
-                  preprocess: PreprocessSpec | None, runtime_options: dict[str, Any]) -> _Engine:
+_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _build_engine(source: Any, *, gpu_preprocessing: bool | None = None, threads: int | None = None,
+                  **options: Any) -> _Engine:
+    engine = _build_runtime_engine(source, threads=threads, **options)
+    on_gpu = str(getattr(engine.runtime, "device", "cpu")).startswith("cuda")
+    if gpu_preprocessing and not on_gpu:
+        raise ValueError("gpu_preprocessing=True needs the model on a GPU (device='cuda')")
+    if not on_gpu or gpu_preprocessing is False:
+        return engine
+    from .gpu import GpuPreprocessor, cuda_status
+
+    usable, why = cuda_status()
+    if not usable:
+        if gpu_preprocessing:
+            from .errors import CudaUnavailableError
+
+            raise CudaUnavailableError(f"GPU preprocessing is not available: {why}")
+        return engine  # the CPU preprocesses; the runtime copies each batch to its GPU
+    spec = engine.spec
+    if spec.dtype != "uint8":
+        spec = dataclasses.replace(spec, dtype=getattr(engine.runtime, "input_dtype", "float32"))
+    gpu = GpuPreprocessor(spec, engine.runtime.device, threads=threads)
+    return dataclasses.replace(engine, gpu=gpu)
+
+
+def _build_runtime_engine(source: Any, *, device: str, backend: str, labels: Any, threads: int | None,
+                          registry: Any, preprocess: PreprocessSpec | None, runtime_options: dict[str, Any]) -> _Engine:
     from .bundle import Bundle
 
     runtime = dict(device=device, backend=backend, threads=threads, options=runtime_options)

@@ -10,6 +10,8 @@ __all__ = [
     "ImageTooLargeError",
     "InvalidImageError",
     "ImageReadError",
+    "CudaUnavailableError",
+    "GpuError",
 ]
 
 
@@ -39,6 +41,14 @@ class InvalidImageError(ImageError, TypeError):
 
 class ImageReadError(ImageError, OSError):
     """A path that could not be read."""
+
+
+class CudaUnavailableError(RuntimeError):
+    """GPU work was asked for where it cannot run: a build without CUDA, no driver, or no GPU."""
+
+
+class GpuError(RuntimeError):
+    """The GPU failed a whole batch (a CUDA error, out of device memory). Image errors stay per item."""
 
 
 # Status codes of csrc/status.h. kCodecUnavailable (3) never reaches users: Pillow decodes those items.

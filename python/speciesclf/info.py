@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import json
 
-from . import _backend
+from . import _backend, _cuda
+from .errors import CudaUnavailableError
 from ._version import __version__
 
 __all__ = ["build_info", "info", "format_info"]
 
 
 def build_info() -> dict:
-    """What the native module was compiled with (empty codecs and no CUDA when it did not load)."""
+    """What the native modules were compiled with (empty codecs when the CPU module did not load; CUDA
+    and nvJPEG as the separate CUDA module says, which this loads)."""
     if _backend._native is None:
-        return {"version": __version__, "codecs": {}, "turbojpeg": False, "simd": [], "cuda": False, "nvjpeg": False}
-    return dict(_backend._native.build_info())
+        built = {"version": __version__, "codecs": {}, "turbojpeg": False, "simd": [], "cuda": False, "nvjpeg": False}
+    else:
+        built = dict(_backend._native.build_info())
+    built["cuda"] = _cuda.built_with_cuda()
+    if built["cuda"]:
+        try:
+            cuda = _cuda.native_cuda().build_info()
+        except CudaUnavailableError as e:
+            built["cuda_error"] = str(e)
+        else:
+            built.update(nvjpeg=cuda["nvjpeg"], cuda_toolkit=cuda["cuda_toolkit"],
+                         cuda_architectures=cuda["cuda_architectures"])
+    return built
 
 
 def info() -> dict:
@@ -34,8 +47,14 @@ def info() -> dict:
         "simd": built["simd"],
         "compiler": built.get("compiler"),
         "cuda": built["cuda"],
-        "cuda_reason": None if built["cuda"] else "speciesclf was built without CUDA",
+        "nvjpeg": built["nvjpeg"],
+        "gpu": _gpu_line(),
     }
+
+
+def _gpu_line() -> str:
+    usable, why = _cuda.cuda_status()
+    return f"usable: {why}" if usable else f"not usable: {why}"
 
 
 def format_info(data: dict, as_json: bool = False) -> str:

@@ -13,12 +13,12 @@ from . import _backend
 from ._pillow_backend import PillowPreprocessor
 from .errors import CODEC_UNAVAILABLE, ImageError, error_from_status
 from .inputs import ImageInput, as_source
-from .spec import PreprocessSpec
+from .spec import BFLOAT16_NAN, PreprocessSpec
 
 __all__ = ["Batch", "preprocess_batch"]
 
 _FILTER_CODES = {"bilinear": 0, "bicubic": 1}
-_DTYPE_CODES = {"float32": 0, "float16": 1, "uint8": 2}
+_DTYPE_CODES = {"float32": 0, "float16": 1, "uint8": 2, "bfloat16": 3}
 _LAYOUT_CODES = {"NCHW": 0, "NHWC": 1}
 
 
@@ -65,13 +65,24 @@ def preprocess_batch(
     N rows; it is written in place and never reallocated. With ``on_error="raise"`` the error of the first
     failed item is raised once the whole batch has been processed; with ``"skip"`` failures are reported
     in ``Batch.ok`` and ``Batch.errors``.
+
+    ``device="cuda"`` (or ``"cuda:N"``) preprocesses on that GPU and returns a torch CUDA tensor (see
+    :class:`speciesclf.gpu.GpuPreprocessor`, the owned object to keep when calling in a loop; this function
+    keeps one per thread). A ``bfloat16`` spec returns a torch tensor on either device.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not isinstance(spec, PreprocessSpec):
+        raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
+    device = str(device)
     if device != "cpu":
-        if not str(device).startswith("cuda"):
+        if not (device == "cuda" or device.startswith("cuda:")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-        raise RuntimeError("speciesclf was built without CUDA: GPU preprocessing is not available in this build")
+        if backend == "python":
+            raise ValueError("backend='python' runs on the CPU; use device='cpu' with it")
+        from . import gpu
+
+        return gpu.preprocessor_for_thread(spec, device, threads)(items, out=out, on_error=on_error)
     if not isinstance(spec, PreprocessSpec):
         raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
     chosen = _backend.resolve(backend)
@@ -103,7 +114,7 @@ def preprocess_batch(
     ok = np.ones(n, dtype=bool)
     for i in errors:
         ok[i] = False
-        array[i] = np.nan if array.dtype.kind == "f" else 0
+        array[i] = BFLOAT16_NAN if spec.dtype == "bfloat16" else np.nan if array.dtype.kind == "f" else 0
     if on_error == "raise" and errors:
         first = min(errors)
         error = errors[first]
@@ -179,11 +190,17 @@ def _output_buffer(out: Any, spec: PreprocessSpec, n: int) -> tuple[np.ndarray, 
     shape = spec.output_shape(n)
     if out is None:
         array = np.empty(shape, dtype=spec.numpy_dtype)
+        if spec.dtype == "bfloat16":
+            import torch
+
+            return array, torch.from_numpy(array).view(torch.bfloat16)
         return array, array
     if type(out).__module__.startswith("torch"):
         return _torch_out(out, spec, shape)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array or a CPU torch tensor, got {type(out).__name__}")
+    if spec.dtype == "bfloat16":
+        raise TypeError("a bfloat16 spec writes to a torch.bfloat16 tensor (NumPy has no bfloat16)")
     _check_out(out.shape, out.dtype, out.flags.c_contiguous, spec, shape)
     if not out.flags.writeable:
         raise ValueError("out is read-only")
@@ -197,12 +214,22 @@ def _torch_out(out: Any, spec: PreprocessSpec, shape) -> tuple[np.ndarray, Any]:
         raise TypeError(f"out must be a numpy array or a CPU torch tensor, got {type(out).__name__}")
     if out.device.type != "cpu":
         raise ValueError(f"out is on {out.device}; CPU preprocessing writes to CPU memory (pinned is fine)")
-    expected = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}[spec.dtype]
+    expected = torch_dtype(spec)
     if out.dtype != expected:
         raise ValueError(f"out has dtype {out.dtype}, the spec needs {expected}")
     _check_out(tuple(out.shape), spec.numpy_dtype, out.is_contiguous(), spec, shape)
-    view = out.detach().numpy()
+    if spec.dtype == "bfloat16":
+        view = out.detach().view(torch.int16).numpy().view(np.uint16)
+    else:
+        view = out.detach().numpy()
     return view[: shape[0]], out[: shape[0]]
+
+
+def torch_dtype(spec: PreprocessSpec):
+    """The torch dtype of the spec's output (the spec's dtype names are torch's own)."""
+    import torch
+
+    return getattr(torch, spec.dtype)
 
 
 def _check_out(got_shape, got_dtype, contiguous: bool, spec: PreprocessSpec, shape) -> None:

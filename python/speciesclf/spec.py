@@ -14,7 +14,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_MAX_BYTES = 64 * 2**20
 
 _FILTERS = ("bilinear", "bicubic")
-_DTYPES = ("float32", "float16", "uint8")
+_DTYPES = ("float32", "float16", "bfloat16", "uint8")
 _LAYOUTS = ("NCHW", "NHWC")
 
 
@@ -25,6 +25,8 @@ class PreprocessSpec:
     The defaults are torchvision's ImageNet recipe: ``Resize(256)`` (shorter side), ``CenterCrop(224)``,
     ``ToTensor()``, ``Normalize(mean, std)``. ``resize=None`` squashes the whole image to ``size`` x ``size``.
     With ``dtype="uint8"`` the output holds the resized pixels and ``mean``/``std`` are not applied.
+    ``dtype="bfloat16"`` gives torch.bfloat16 tensors (NumPy has no such type): the float32 values rounded
+    to nearest even, as ``tensor.to(torch.bfloat16)`` does.
 
     ``jpeg_reduce_margin``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, so the
     discarded pixels cost almost nothing) while the decoded image stays at least this multiple of the
@@ -40,7 +42,7 @@ class PreprocessSpec:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16", "uint8"] = "float32"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -78,7 +80,8 @@ class PreprocessSpec:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+        """The NumPy dtype of the output's storage: uint16 bit patterns for bfloat16."""
+        return np.dtype(np.uint16) if self.dtype == "bfloat16" else np.dtype(self.dtype)
 
     def output_shape(self, n: int) -> tuple[int, int, int, int]:
         if self.layout == "NCHW":
@@ -120,4 +123,21 @@ def normalization_lut(spec: PreprocessSpec) -> np.ndarray:
     values = np.arange(256, dtype=np.float32) / np.float32(255)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None]
-    return ((values[None, :] - mean) / std).astype(spec.numpy_dtype)
+    table = (values[None, :] - mean) / std
+    if spec.dtype == "bfloat16":
+        return bfloat16_bits(table)
+    return table.astype(spec.numpy_dtype)
+
+
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays a quiet NaN.
+
+    The twin of float_to_bfloat16 in csrc/output_format.h.
+    """
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    nan = ((bits & 0x7F800000) == 0x7F800000) & ((bits & 0x7FFFFF) != 0)
+    return np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+BFLOAT16_NAN = 0x7FC0  # the bits of a quiet NaN, for failed slots

@@ -10,10 +10,17 @@ __all__ = ["TorchRuntime"]
 
 
 class TorchRuntime:
+    """``run`` takes a NumPy batch or a torch tensor (a CUDA tensor from GPU preprocessing stays on the GPU).
+
+    ``cuda_graphs=True`` (CUDA only) captures the model once per batch shape and replays the graph, which
+    removes the per-layer launch cost; at most ``max_graphs`` shapes are kept.
+    """
+
     name = "torch"
 
     def __init__(self, path: str | Path, *, framework: str, device: str = "auto", threads: int | None = None,
-                 dtype: str = "float32", channels_last: bool = False):
+                 dtype: str = "float32", channels_last: bool = False, cuda_graphs: bool = False,
+                 max_graphs: int = 8):
         import torch
 
         if device == "auto":
@@ -34,17 +41,58 @@ class TorchRuntime:
             module = torch.export.load(str(path)).module().to(device)
         else:
             raise ValueError(f"TorchRuntime loads torchscript or torch-export models, not {framework!r}")
+        if cuda_graphs and not device.startswith("cuda"):
+            raise ValueError("cuda_graphs needs a CUDA device")
+        if self.dtype != torch.float32:
+            module = module.to(self.dtype)
         self.channels_last = channels_last
         self.module = module
+        self.cuda_graphs = cuda_graphs
+        self.max_graphs = int(max_graphs)
+        self._graphs: dict[tuple, tuple] = {}  # batch shape -> (graph, static input, static output)
         self._torch = torch
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    @property
+    def input_dtype(self) -> str:
+        """The dtype name GPU preprocessing should produce for this runtime."""
+        return str(self.dtype).removeprefix("torch.")
+
+    def run(self, batch) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype)
+            if isinstance(batch, torch.Tensor):
+                x = batch.to(self.device, self.dtype)
+            else:
+                x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = self.module(x)
-            if isinstance(y, (tuple, list)):
-                y = y[0]
+            y = self._forward_with_graph(x) if self.cuda_graphs else self._forward(x)
             return y.float().cpu().numpy()
+
+    def _forward(self, x):
+        y = self.module(x)
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+    def _forward_with_graph(self, x):
+        torch = self._torch
+        key = (tuple(x.shape), x.stride())
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+            static_input = x.clone()
+            # Warm-up on a side stream (as capture requires) lets lazy initialisation happen outside it.
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(static_input)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_output = self._forward(static_input)
+            entry = self._graphs[key] = (graph, static_input, static_output)
+        graph, static_input, static_output = entry
+        static_input.copy_(x)
+        graph.replay()
+        return static_output
