@@ -121,3 +121,18 @@ def test_output_capsule_checks() -> None:
         check(good, device_type=2)
     with pytest.raises(ValueError, match="dltensor"):
         native._check_output(good.__dlpack__(max_version=(1, 0)), 1, 0, 8, 0, 0, 2)
+
+
+def test_cli_classify_on_a_missing_gpu_is_one_line(tmp_path, shared_dir) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if _cuda.cuda_status()[0]:
+        pytest.skip("a GPU is usable here")
+    photo = next((shared_dir / "images" / "imagenet-samples").glob("*.JPEG"))
+    env = dict(os.environ, SPECIESCLF_WEIGHTS=str(shared_dir / "models"), SPECIESCLF_HOME=str(tmp_path))
+    run = subprocess.run([sys.executable, "-m", "speciesclf", "classify", str(photo), "--device", "cuda",
+                          "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.startswith("speciesclf: error:") and "Traceback" not in run.stderr, run.stderr

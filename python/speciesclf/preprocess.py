@@ -80,6 +80,8 @@ def preprocess_batch(
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
         if backend == "python":
             raise ValueError("backend='python' runs on the CPU; use device='cpu' with it")
+        if timings:
+            raise ValueError("timings=True times each item on the CPU path; the GPU path works batch-wide")
         from . import gpu
 
         return gpu.preprocessor_for_thread(spec, device, threads)(items, out=out, on_error=on_error)
