@@ -5,7 +5,7 @@
 Servers, each a separate process on a free loopback port (127.0.0.1), all with the same model (the shared
 MobileNetV2 int8 ONNX, as the built-in ``imagenet1k``; SPECIESCLF_WEIGHTS = the shared models folder,
 SPECIESCLF_HOME = a temporary folder):
-  a) batching        python3 -m speciesclf serve --model imagenet1k (defaults: max_batch_size 32, max_wait_ms 5)
+  a) batching        python3 -m speciesclf serve --model imagenet1k (defaults: max_batch_size 32; greedy dispatch)
   b) no batching     the same with --max-batch-size 1
   c) plain FastAPI   a hand-written FastAPI app (written to a temporary folder, run by uvicorn, one worker):
                      the raw body, Pillow preprocessing per request (shorter side to 256 bilinear, center crop
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Model: {results['model']} for every server (a), b): built-in `imagenet1k`, SPECIESCLF_WEIGHTS = its "
         "folder; c): the same file in its own ONNX Runtime session, intra_op_num_threads=2)",
         "- Servers, each its own process on 127.0.0.1: a) `python3 -m speciesclf serve --model imagenet1k` "
-        "(max_batch_size 32, max_wait_ms 5, max_queue 256); b) the same with `--max-batch-size 1`; c) a "
+        "(max_batch_size 32, greedy dispatch: no wait when idle, max_queue 256; ORT without spinning); b) the same with `--max-batch-size 1`; c) a "
         "hand-written FastAPI app under `uvicorn --workers 1`: raw body → Pillow (shorter side 256 bilinear, "
         "center crop 224, normalise) → ORT batch 1 in Starlette's thread pool → softmax top-5 JSON. All log one "
         f"line per request (speciesclf's JSON log / uvicorn's access log). The run took {results['wall_s']:.0f} s.",

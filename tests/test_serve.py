@@ -7,9 +7,14 @@ import concurrent.futures
 import io
 import json
 import logging
+import os
 import random
 import re
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -147,7 +152,8 @@ def test_cli_has_serve() -> None:
 def test_every_endpoint(server: LiveServer, photos, clf) -> None:
     photo, label = photos[0]
     with httpx.Client(base_url=server.url, timeout=30) as c:
-        assert c.get("/healthz").json() == {"status": "ok"}
+        health = c.get("/healthz").json()
+        assert health["status"] == "ok" and isinstance(health["pid"], int)
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["model"] == clf.model
 
@@ -399,6 +405,22 @@ def test_json_logs_with_request_id_and_no_image_bytes(server: LiveServer, photos
 
 
 @pytest.mark.shared
+def test_effective_settings_are_logged_at_start_up(clf, caplog) -> None:
+    config = ServeConfig(max_batch_size=7, max_queue=70, max_batch_request=7)
+    with caplog.at_level(logging.INFO, logger="speciesclf.serve"):
+        with LiveServer(create_app(clf, config)) as live:
+            with httpx.Client(base_url=live.url, timeout=30) as c:
+                deadline = time.monotonic() + 30
+                while c.get("/readyz").status_code != 200:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+    (ready,) = [r for r in caplog.records if r.name == "speciesclf.serve" and r.getMessage() == "ready"]
+    settings = ready.fields["settings"]
+    assert settings["max_batch_size"] == 7 and settings["max_queue"] == 70
+    assert settings == config.to_dict()
+
+
+@pytest.mark.shared
 def test_graceful_shutdown_drains_accepted_work(clf, photos) -> None:
     config = ServeConfig(max_batch_size=2, max_wait_ms=0)
     app = create_app(SlowClassifier(clf, 0.1), config)
@@ -426,3 +448,103 @@ def test_graceful_shutdown_drains_accepted_work(clf, photos) -> None:
     finally:
         live.__exit__(None, None, None)
     assert [(r.status_code, r.json()["label"]) for r in answers] == [(200, label)] * 6
+
+
+# --- dispatch: a lone request does not wait for company ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def patient_server(clf):
+    config = ServeConfig(max_wait_ms=500)
+    with LiveServer(create_app(SlowClassifier(clf, 0.05), config)) as live:
+        yield live
+
+
+@pytest.mark.shared
+def test_a_lone_request_is_dispatched_at_once_and_concurrent_ones_still_coalesce(patient_server, photos) -> None:
+    photo, label = photos[0]
+    with httpx.Client(base_url=patient_server.url, timeout=30) as c:
+        c.post("/v1/predict", content=photo)  # the connection is warm
+        seconds = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            r = c.post("/v1/predict", content=photo)
+            seconds.append(time.perf_counter() - t0)
+            assert r.status_code == 200 and r.json()["label"] == label
+        # inference takes 50 ms here; waiting max_wait_ms (500 ms) for company would show
+        assert sorted(seconds)[2] < 0.25, seconds
+        before = c.get("/metrics").text
+    barrier = threading.Barrier(16)
+
+    def client(i: int) -> list[str]:
+        with httpx.Client(base_url=patient_server.url, timeout=60) as c:
+            barrier.wait()
+            out = []
+            for j in range(3):
+                data, want = photos[(i * 3 + j) % len(photos)]
+                r = c.post("/v1/predict", content=data)
+                if r.status_code != 200 or r.json()["label"] != want:
+                    out.append(f"{i}-{j}: {r.status_code} {r.text[:100]}")
+            return out
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert not [w for ws in pool.map(client, range(16)) for w in ws]
+    with httpx.Client(base_url=patient_server.url) as c:
+        after = c.get("/metrics").text
+    batches = metric(after, "speciesclf_batch_size_count") - metric(before, "speciesclf_batch_size_count")
+    images = metric(after, "speciesclf_batch_size_sum") - metric(before, "speciesclf_batch_size_sum")
+    assert images == 48 and batches < 48 / 2, batches  # requests arriving during an inference ran together
+
+
+# --- speciesclf serve --workers N ---------------------------------------------------------------------------------
+
+
+def test_workers_must_be_at_least_one(capsys) -> None:
+    from speciesclf.cli import main
+    from speciesclf.serve import run
+
+    assert main(["serve", "--workers", "0"]) == 1
+    assert "--workers must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers"):
+        run("species100", ServeConfig(), workers=0)
+
+
+@pytest.mark.shared
+def test_serve_with_two_worker_processes(shared_dir: Path, tmp_path: Path, photos) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, SPECIESCLF_WEIGHTS=str(shared_dir / "models"), SPECIESCLF_HOME=str(tmp_path / "home"))
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "speciesclf", "serve", "--model", "species100", "--workers", "2",
+                             "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    photo, label = photos[0]
+    try:
+        deadline = time.monotonic() + 120
+        ready: set[int] = set()
+        while len(ready) < 2:  # each worker loads its own model; a fresh connection may reach either
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, f"workers ready: {ready}"
+            try:
+                with httpx.Client(base_url=url, timeout=5) as c:
+                    if c.get("/readyz").status_code == 200:
+                        ready.add(c.get("/healthz").json()["pid"])  # same connection, same worker
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        assert proc.pid not in ready  # answered by worker processes, not by the supervisor
+        for _ in range(4):
+            with httpx.Client(base_url=url, timeout=30) as c:
+                r = c.post("/v1/predict", content=photo)
+                assert r.status_code == 200 and r.json()["label"] == label
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-2000:]

@@ -273,7 +273,8 @@ class Classifier:
                 sources.append(b"")  # its slot is reported with the error above
         buffer = self._acquire_buffer(engine, len(items))
         if engine.gpu is not None:
-            batch = engine.gpu(sources, out=buffer[1], on_error="skip")
+            # Our own idle buffer: no need to wait for the model's queued work, which this overlaps.
+            batch = engine.gpu(sources, out=buffer[1], on_error="skip", wait_for_torch=False)
         else:
             batch = preprocess_batch(sources, engine.spec, threads=self.threads, on_error="skip", timings=True,
                                      out=buffer[1])
@@ -296,7 +297,11 @@ class Classifier:
             return key, np.empty(shape, dtype=spec.numpy_dtype)
         import torch
 
-        return key, torch.empty(shape, dtype=getattr(torch, spec.dtype), device=engine.gpu.device)
+        buffer = torch.empty(shape, dtype=getattr(torch, spec.dtype), device=engine.gpu.device)
+        # The allocator may hand back memory that queued kernels still use; once idle, a pooled buffer
+        # stays idle between its uses (each batch's predictions are read back before it is released).
+        torch.cuda.synchronize(engine.gpu.device)
+        return key, buffer
 
     def _release_buffer(self, key_and_buffer: tuple[tuple, Any]) -> None:
         key, buffer = key_and_buffer

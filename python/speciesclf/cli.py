@@ -61,7 +61,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     if not paths:
         print("speciesclf: error: no images found", file=sys.stderr)
         return 1
-    clf = Classifier.load(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads)
+    try:
+        clf = Classifier.load(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
+                              precision=args.precision)
+    except (RuntimeError, ValueError, OSError) as e:  # no such model, no GPU, a runtime without CUDA, ...
+        print(f"speciesclf: error: {e}", file=sys.stderr)
+        return 1
     progress = sys.stderr.isatty() and not args.quiet
     failed = 0
     writer = csv.writer(sys.stdout) if args.format == "csv" else None
@@ -95,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="bundle path, registry reference (name@version|alias) or built-in model (default: species100)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (GPU decoding and inference)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="inference dtype of torch models (fp16/bf16 on GPUs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
@@ -407,12 +414,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     try:
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
         config = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, default_timeout_ms=args.timeout_ms)
+                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, default_timeout_ms=args.timeout_ms,
+                             url_inputs=bool(args.url_allow_host), url_allow_hosts=tuple(args.url_allow_host),
+                             url_allow_networks=tuple(args.url_allow_network))
     except ValueError as e:
         print(f"speciesclf: error: {e}", file=sys.stderr)
         return 1
-    run(args.model, config, log_level=args.log_level)
+    run(args.model, config, log_level=args.log_level, workers=args.workers)
     return 0
 
 
@@ -423,8 +434,17 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=32, help="images per inference call")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long to wait to fill a batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="kept for compatibility: an idle worker dispatches at once, and requests "
+                        "arriving during an inference form the next batch")
     p.add_argument("--max-queue", type=int, default=256, help="images waiting; beyond it requests get 429")
     p.add_argument("--timeout-ms", type=int, default=10_000, help="default per-request deadline")
+    p.add_argument("--workers", type=int, default=1,
+                   help="uvicorn worker processes, each loading the model with its own queue (default 1)")
+    p.add_argument("--url-allow-host", action="append", default=[], metavar="HOST",
+                   help="enable {'url': ...} inputs from HOST ('*.example.com', or '*' for any public host); "
+                        "repeatable. Without it URL inputs are refused")
+    p.add_argument("--url-allow-network", action="append", default=[], metavar="CIDR",
+                   help="also allow URL hosts resolving inside CIDR (e.g. an internal image store); repeatable. "
+                        "Private, loopback and link-local addresses are refused otherwise; metadata addresses always")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=_cmd_serve)

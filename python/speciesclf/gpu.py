@@ -107,11 +107,15 @@ class GpuPreprocessor:
         *,
         out: Any = None,
         on_error: Literal["raise", "skip"] = "raise",
+        wait_for_torch: bool = True,
     ) -> Batch:
         """Preprocesses ``items`` into ``out`` (a CUDA tensor of the spec's dtype on this device,
         C-contiguous, at least N rows; allocated when None) and returns it in a :class:`Batch`.
 
-        The tensor is complete when this returns, so it may be used on any stream.
+        The tensor is complete when this returns, so it may be used on any stream. By default the work
+        waits for what torch's current stream has already queued, since ``out`` may still be in use there;
+        with ``wait_for_torch=False`` (for an ``out`` known to be idle) it overlaps that work instead, which
+        is how a Classifier preprocesses the next batch while the model runs.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -132,10 +136,11 @@ class GpuPreprocessor:
                 slots.append(i)
             except ImageError as e:
                 errors[i] = e
-        with self._lock:
-            leftovers = self._run(sources, slots, out, errors)
+        stream = self.stream if wait_for_torch else -1  # DLPack: -1 asks torch for no synchronisation
+        with self._lock, torch.cuda.device(self.device):
+            leftovers = self._run(sources, slots, out, errors, stream)
             if leftovers:
-                self._run_pillow_decoded(leftovers, out, errors)
+                self._run_pillow_decoded(leftovers, out, errors, stream)
         ok = np.ones(n, dtype=bool)
         for i in errors:
             ok[i] = False
@@ -147,13 +152,13 @@ class GpuPreprocessor:
             raise error
         return Batch(out[:n], ok, errors)
 
-    def _run(self, sources: list[Any], slots: list[int], out: Any, errors: dict[int, ImageError]) -> list:
+    def _run(self, sources: list[Any], slots: list[int], out: Any, errors: dict[int, ImageError], stream: int) -> list:
         """Runs the native pipeline in chunks of max_batch; returns the (slot, source) pairs left to Pillow."""
         leftovers = []
         for start in range(0, len(sources), self.max_batch):
             chunk, chunk_slots = sources[start:start + self.max_batch], slots[start:start + self.max_batch]
             try:
-                failures = self._pipeline.run(chunk, out.__dlpack__(stream=self.stream), chunk_slots, self.threads)
+                failures = self._pipeline.run(chunk, out.__dlpack__(stream=stream), chunk_slots, self.threads)
             except self._native.CudaError as e:
                 raise GpuError(str(e)) from e
             by_slot = dict(zip(chunk_slots, chunk))
@@ -164,7 +169,7 @@ class GpuPreprocessor:
                     errors[slot] = error_from_status(status, message)
         return leftovers
 
-    def _run_pillow_decoded(self, work: list, out: Any, errors: dict[int, ImageError]) -> None:
+    def _run_pillow_decoded(self, work: list, out: Any, errors: dict[int, ImageError], stream: int) -> None:
         """Formats this build cannot decode natively (GIF, BMP, TIFF, ...): Pillow decodes, the GPU resizes."""
         from ._pillow_backend import open_upright
 
@@ -180,7 +185,7 @@ class GpuPreprocessor:
             except MemoryError as e:
                 errors[slot] = ImageError(f"out of memory: {e}")
         if pixels:
-            self._run(pixels, slots, out, errors)
+            self._run(pixels, slots, out, errors, stream)
 
     def _check_out(self, out: Any, shape: tuple[int, ...]) -> None:
         torch = self._torch

@@ -12,7 +12,11 @@ __all__ = ["OnnxRuntime"]
 class OnnxRuntime:
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None):
+    def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None,
+                 allow_spinning: bool = True, dtype: str = "float32"):
+        if dtype != "float32":
+            raise ValueError(f"precision {dtype!r} is for torch models: an ONNX model runs in the precision it was "
+                             "exported with")
         try:
             import onnxruntime as ort
         except ImportError as e:  # an optional dependency
@@ -31,6 +35,10 @@ class OnnxRuntime:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        if not allow_spinning:
+            # Idle intra-op threads otherwise busy-wait for the next op; where other threads of the process
+            # (an HTTP event loop, image decoding) need the same cores, that spinning takes CPU from them.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.device = "cuda" if wants_cuda else "cpu"
         (model_input,) = self.session.get_inputs()
@@ -38,5 +46,25 @@ class OnnxRuntime:
         self.input_shape = model_input.shape
         self.output_name = self.session.get_outputs()[0].name
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    @property
+    def input_dtype(self) -> str:
+        """The dtype name GPU preprocessing should produce for this model's input."""
+        return "float16" if self.session.get_inputs()[0].type == "tensor(float16)" else "float32"
+
+    def run(self, batch) -> np.ndarray:
+        if not isinstance(batch, np.ndarray):  # a torch tensor, from GPU preprocessing
+            if self.device == "cuda" and batch.is_cuda:
+                return self._run_on_device(batch)
+            batch = batch.detach().cpu().numpy()
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch)})[0]
+
+    def _run_on_device(self, batch) -> np.ndarray:
+        # The CUDA provider reads the batch where GPU preprocessing left it: no round trip through the host.
+        batch = batch.contiguous()
+        binding = self.session.io_binding()
+        element = np.float16 if str(batch.dtype) == "torch.float16" else np.float32
+        binding.bind_input(self.input_name, "cuda", batch.device.index or 0, element, tuple(batch.shape),
+                           batch.data_ptr())
+        binding.bind_output(self.output_name)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import time
 import uuid
@@ -15,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ._fetch import UrlFetcher
 from ._images import ApiError, check_image, decode_base64, error_for_prediction
 from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from .config import ServeConfig
@@ -40,6 +42,7 @@ class _State:
         self.load_error: str | None = None
         self.owns_classifier = False
         self.loader: asyncio.Task | None = None
+        self.fetcher: UrlFetcher | None = None
 
 
 def _error_response(error: ApiError, state: _State) -> JSONResponse:
@@ -59,6 +62,8 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.loader = asyncio.get_running_loop().create_task(_load(state))
+        if config.url_inputs:  # its semaphore belongs to this loop
+            state.fetcher = UrlFetcher(config)
         try:
             yield
         finally:
@@ -100,7 +105,8 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok"}
+        # The pid tells apart the worker processes of `speciesclf serve --workers N` behind one port.
+        return {"status": "ok", "pid": os.getpid()}
 
     @app.get("/readyz")
     async def readyz():
@@ -134,20 +140,22 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
     @app.post("/v1/predict")
     async def predict(request: Request):
         clf = _require_ready(state)
-        timeout_s = _timeout(request, config)
+        deadline = asyncio.get_running_loop().time() + _timeout(request, config)
         top_k = _top_k(request.query_params.get("top_k"), config, source="query parameter top_k")
         body = await _read_body(request, config)
         kind = _body_kind(request)
         if kind == "json":
             payload = _json(body)
-            if "url" in payload:
-                raise ApiError(400, "url_not_allowed", "URL inputs are off in this service; send the image bytes")
-            _only(payload, {"image", "top_k"})
-            if "image" not in payload:
-                raise ApiError(422, "invalid_request", "JSON body needs an 'image' field (base64 or data: URI)")
+            _only(payload, {"image", "url", "top_k"})
+            if ("image" in payload) == ("url" in payload):
+                raise ApiError(422, "invalid_request",
+                               "JSON body needs one of 'image' (base64 or data: URI) or 'url'")
             if "top_k" in payload:
                 top_k = _top_k(payload["top_k"], config)
-            image = decode_base64(payload["image"])
+            if "url" in payload:
+                image = await _fetch_url(state, payload["url"], deadline, "url")
+            else:
+                image = decode_base64(payload["image"])
         elif kind == "multipart":
             form = await _form(request, config)
             try:
@@ -162,17 +170,17 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
         else:
             image = body
         check_image(image, min_side=config.min_side, max_pixels=config.max_pixels)
-        predictions, batch_size = await _infer(state, request, [image], top_k, timeout_s)
+        predictions, batch_size = await _infer(state, request, [image], top_k, deadline)
         p = predictions[0]
         if p.error is not None:
             raise error_for_prediction(p.error)
         _count(state, p)
-        return _prediction_dict(p, top_k)
+        return JSONResponse(_prediction_dict(p, top_k))
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request):
         _require_ready(state)
-        timeout_s = _timeout(request, config)
+        deadline = asyncio.get_running_loop().time() + _timeout(request, config)
         top_k = _top_k(request.query_params.get("top_k"), config, source="query parameter top_k")
         body = await _read_body(request, config)
         kind = _body_kind(request)
@@ -182,17 +190,29 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
             _only(payload, {"images", "top_k"})
             images = payload.get("images")
             if not isinstance(images, list):
-                raise ApiError(422, "invalid_request", "JSON body needs 'images': a list of base64 strings")
+                raise ApiError(422, "invalid_request",
+                               "JSON body needs 'images': a list of base64 strings or {'url': ...} objects")
             if "top_k" in payload:
                 top_k = _top_k(payload["top_k"], config)
             _batch_count(len(images), config)
+            fetches: dict[int, Any] = {}
             for i, value in enumerate(images):
+                if isinstance(value, dict) and set(value) == {"url"}:
+                    fetches[i] = _fetch_url(state, value["url"], deadline, f"images[{i}].url")
+                    items.append(None)
+                    continue
                 try:
                     items.append(decode_base64(value, field=f"images[{i}]"))
                 except ApiError as e:
                     if e.code == "invalid_request":
                         e = ApiError(e.status, "invalid_base64", e.message)
                     items.append(e)
+            if fetches:  # concurrently; each failure stays the item's own
+                fetched = await asyncio.gather(*fetches.values(), return_exceptions=True)
+                for i, result in zip(fetches, fetched):
+                    if isinstance(result, BaseException) and not isinstance(result, ApiError):
+                        raise result
+                    items[i] = result
         elif kind == "multipart":
             form = await _form(request, config)
             try:
@@ -217,7 +237,7 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
                     items[i] = e
         results: list[Any] = list(items)
         if good:
-            predictions, _ = await _infer(state, request, [items[i] for i in good], top_k, timeout_s)
+            predictions, _ = await _infer(state, request, [items[i] for i in good], top_k, deadline)
             for i, p in zip(good, predictions):
                 results[i] = error_for_prediction(p.error, field=f"images[{i}]") if p.error is not None else p
         out = []
@@ -244,7 +264,7 @@ async def _load(state: _State) -> None:
         if isinstance(state.source, Classifier) or hasattr(state.source, "predict_batch"):
             clf = state.source
         else:
-            clf = await loop.run_in_executor(None, Classifier.load, state.source)
+            clf = await loop.run_in_executor(None, _load_classifier, state.source)
             state.owns_classifier = True
         state.classifier = clf
         if state.config.warmup:
@@ -258,10 +278,23 @@ async def _load(state: _State) -> None:
         state.batcher.start()
         state.metrics.model = clf.model
         state.ready = state.metrics.ready = True
-        log("ready", model=clf.model)
+        # The effective settings, once, so that a log alone says how this instance batches and what it refuses.
+        log("ready", model=clf.model, settings={k: v for k, v in state.config.to_dict().items()})
     except Exception as e:
         state.load_error = f"{type(e).__name__}: {e}"
         log("model load failed", level=40, error=state.load_error)
+
+
+def _load_classifier(source: Any):
+    from ..classifier import Classifier
+
+    # The runtime shares this process's cores with the event loop and image decoding: ONNX Runtime's
+    # busy-waiting intra-op threads would take CPU from them between ops (measured: slower per image once
+    # anything else runs). Runtimes without that option (torch) refuse the keyword before loading anything.
+    try:
+        return Classifier.load(source, runtime_options={"allow_spinning": False})
+    except TypeError:
+        return Classifier.load(source)
 
 
 def _require_ready(state: _State):
@@ -356,8 +389,15 @@ def _batch_count(n: int, config: ServeConfig) -> None:
         raise ApiError(413, "too_many_images", f"{n} images; at most max_batch_request={config.max_batch_request}")
 
 
-async def _infer(state: _State, request: Request, images: list[bytes], top_k: int, timeout_s: float):
+async def _fetch_url(state: _State, url: Any, deadline: float, field: str) -> bytes:
+    if state.fetcher is None:
+        raise ApiError(400, "url_not_allowed", f"{field}: URL inputs are off in this service; send the image bytes")
+    return await state.fetcher.fetch(url, deadline - asyncio.get_running_loop().time(), field=field)
+
+
+async def _infer(state: _State, request: Request, images: list[bytes], top_k: int, deadline: float):
     info = request.scope.setdefault("speciesclf", {})
+    timeout_s = deadline - asyncio.get_running_loop().time()
     try:
         predictions, batch_size = await state.batcher.predict(images, top_k, timeout_s)
     except QueueFull as e:

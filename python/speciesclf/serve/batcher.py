@@ -116,7 +116,9 @@ class Batcher:
         return job
 
     async def _next_batch(self) -> list[_Job] | None:
-        loop = asyncio.get_running_loop()
+        """What is queued now, up to max_batch_size images. Called only when the worker is free, so it never
+        waits for company: requests coalesce by themselves while the previous inference runs, and a lone
+        request on an idle worker is dispatched at once (waiting max_wait_ms for it would only add latency)."""
         while not self._queue:
             if self._stopping:
                 return None
@@ -124,23 +126,10 @@ class Batcher:
             await self._wakeup.wait()
         batch = [self._pop()]
         size = len(batch[0].images)
-        until = loop.time() + self.config.max_wait_ms / 1000
-        while size < self.config.max_batch_size:
-            if self._queue:
-                if size + len(self._queue[0].images) > self.config.max_batch_size:
-                    break  # it starts the next batch
-                job = self._pop()
-                batch.append(job)
-                size += len(job.images)
-                continue
-            remaining = until - loop.time()
-            if remaining <= 0 or self._stopping:
-                break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
+        while self._queue and size + len(self._queue[0].images) <= self.config.max_batch_size:
+            job = self._pop()
+            batch.append(job)
+            size += len(job.images)
         return batch
 
     async def _run(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 from ..spec import DEFAULT_MAX_PIXELS
 
@@ -27,6 +28,17 @@ class ServeConfig:
     max_top_k: int = 100
     warmup: bool = True  # one dummy prediction before /readyz says ready
     drain_timeout_s: float = 30.0  # on shutdown, how long accepted work may take to finish
+    # URL inputs ({"url": ...}): off unless url_inputs is set, and then only to url_allow_hosts.
+    url_inputs: bool = False
+    url_allow_hosts: tuple[str, ...] = ()  # "*" (any public host), "*.example.com" or exact names / IPs
+    url_allow_networks: tuple[str, ...] = ()  # CIDRs allowed although not public (an internal image store)
+    url_connect_timeout_s: float = 3.0
+    url_read_timeout_s: float = 5.0  # the longest silence while reading the answer
+    url_timeout_s: float = 10.0  # the whole fetch, redirects included (the request's deadline also bounds it)
+    url_max_redirects: int = 3
+    url_max_bytes: int = 10 * 2**20
+    url_max_concurrent: int = 16  # fetches in flight at once, over all requests
+    url_max_length: int = 2048
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -35,8 +47,12 @@ class ServeConfig:
                 raise ValueError(f"ServeConfig.{name} must be a positive int, got {value!r}")
 
         for name in ("max_batch_size", "max_queue", "default_timeout_ms", "max_timeout_ms", "max_body_bytes",
-                     "max_pixels", "min_side", "max_batch_request", "max_top_k"):
+                     "max_pixels", "min_side", "max_batch_request", "max_top_k", "url_max_bytes", "url_max_concurrent",
+                     "url_max_length"):
             positive_int(name)
+        if isinstance(self.url_max_redirects, bool) or not isinstance(self.url_max_redirects, int) \
+                or self.url_max_redirects < 0:
+            raise ValueError(f"ServeConfig.url_max_redirects must be an int >= 0, got {self.url_max_redirects!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"ServeConfig.port must be an int in 0..65535, got {self.port!r}")
         if not isinstance(self.host, str) or not self.host.strip():
@@ -55,6 +71,42 @@ class ServeConfig:
                              f"({self.max_batch_request})")
         if not isinstance(self.warmup, bool):
             raise ValueError(f"ServeConfig.warmup must be a bool, got {self.warmup!r}")
+        self._check_urls()
+
+    def _check_urls(self) -> None:
+        if not isinstance(self.url_inputs, bool):
+            raise ValueError(f"ServeConfig.url_inputs must be a bool, got {self.url_inputs!r}")
+        for name in ("url_connect_timeout_s", "url_read_timeout_s", "url_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ServeConfig.{name} must be a number > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in ("url_allow_hosts", "url_allow_networks"):
+            value = getattr(self, name)
+            # A bare string would be iterated as characters: refuse it rather than allow "e", "x", ...
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) \
+                    or not all(isinstance(v, str) and v.strip() for v in value):
+                raise ValueError(f"ServeConfig.{name} must be a list of non-empty strings, got {value!r}")
+        hosts = []
+        for host in self.url_allow_hosts:
+            host = host.strip().lower()
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            bare = host[2:] if host.startswith("*.") else host
+            if host != "*" and (not bare or "*" in bare or any(c in bare for c in "/@?# ")):
+                raise ValueError(f"ServeConfig.url_allow_hosts: {host!r} is not a host name, IP, '*.domain' or '*'")
+            hosts.append(host)
+        object.__setattr__(self, "url_allow_hosts", tuple(hosts))
+        networks = []
+        for net in self.url_allow_networks:
+            try:
+                networks.append(str(ipaddress.ip_network(net.strip(), strict=True)))
+            except ValueError as e:
+                raise ValueError(f"ServeConfig.url_allow_networks: {net!r} is not a CIDR network ({e})") from None
+        object.__setattr__(self, "url_allow_networks", tuple(networks))
+        if self.url_inputs and not self.url_allow_hosts:
+            raise ValueError("ServeConfig.url_inputs needs url_allow_hosts (host names, '*.domain', or '*' for any "
+                             "public host)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,7 +14,7 @@ _ERROR = {
     "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
         "code": {"type": "string", "description": "stable: invalid_base64, unsupported_format, image_too_large, "
                                                   "image_too_small, decode_error, empty_input, invalid_request, "
-                                                  "url_not_allowed, too_many_images, queue_full, ..."},
+                                                  "url_not_allowed, url_fetch_failed, too_many_images, queue_full, ..."},
         "message": {"type": "string"}}}},
 }
 _PREDICTION = {
@@ -33,12 +33,14 @@ _PREDICTION = {
     },
 }
 _IMAGE = {"type": "string", "description": "base64 or a data: URI of a JPEG, PNG, WebP, GIF, BMP or TIFF"}
+_URL = {"type": "string", "description": "an http(s) URL of the image; refused (url_not_allowed) unless the service "
+                                         "enables URL inputs and allows its host"}
 
 
 def _errors() -> dict[str, Any]:
     content = {"application/json": {"schema": _ERROR}}
     return {str(code): {"description": text, "content": content} for code, text in [
-        (400, "invalid input (bad base64, empty, URL not allowed)"), (413, "body or image too large"),
+        (400, "invalid input (bad base64, empty, URL not allowed or its fetch failed)"), (413, "body or image too large"),
         (415, "unsupported image format"), (422, "undecodable, too small, or an invalid request"),
         (429, "queue full; see Retry-After"), (503, "deadline passed while queued, or not ready"),
         (504, "deadline passed during inference")]}
@@ -49,9 +51,11 @@ def openapi_document(app: Any, max_top_k: int) -> dict[str, Any]:
     top_k = {"name": "top_k", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": 1, "maximum": max_top_k}}
     bodies = {
-        "/v1/predict": ({"type": "object", "properties": {"image": _IMAGE, "top_k": top_k["schema"]}},
+        "/v1/predict": ({"type": "object", "properties": {"image": _IMAGE, "url": _URL,
+                                                        "top_k": top_k["schema"]}},
                         {"file": {"type": "string", "format": "binary"}}, _PREDICTION),
-        "/v1/predict/batch": ({"type": "object", "properties": {"images": {"type": "array", "items": _IMAGE},
+        "/v1/predict/batch": ({"type": "object", "properties": {"images": {"type": "array", "items": {
+                                 "anyOf": [_IMAGE, {"type": "object", "required": ["url"], "properties": {"url": _URL}}]}},
                                                               "top_k": top_k["schema"]}},
                               {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
                               {"type": "object", "required": ["predictions"], "properties": {"predictions": {
