@@ -5,7 +5,7 @@
 Servers, each a separate process on a free loopback port (127.0.0.1), all with the same model (the shared
 MobileNetV2 int8 ONNX, as the built-in ``imagenet1k``; SPECIESCLF_WEIGHTS = the shared models folder,
 SPECIESCLF_HOME = a temporary folder):
-  a) batching        python3 -m speciesclf serve --model imagenet1k (defaults: max_batch_size 32; greedy dispatch)
+  a) batching        python3 -m speciesclf serve --model imagenet1k (defaults: max_batch_size 16; greedy dispatch)
   b) no batching     the same with --max-batch-size 1
   c) plain FastAPI   a hand-written FastAPI app (written to a temporary folder, run by uvicorn, one worker):
                      the raw body, Pillow preprocessing per request (shorter side to 256 bilinear, center crop
@@ -13,8 +13,9 @@ SPECIESCLF_HOME = a temporary folder):
                      Starlette's thread pool, softmax + top-5 as JSON
 
 Requests: POST the raw JPEG bytes (a) and b): /v1/predict; c): /predict), cycling over the first 50 shared
-photos held in memory. The load generator is this process (httpx.AsyncClient, one connection per client,
-closed loop: each client sends its next request when the last one is answered) and runs on the same machine
+photos held in memory. The load generator is this process (one asyncio loop, one keep-alive connection per
+client with a minimal HTTP/1.1 client, closed loop: each client sends its next request when the last one is
+answered) and runs on the same machine
 as the server, so it takes CPU from it. Each measurement is a warm-up (2 s; --quick 1 s) then a fixed
 duration (8 s; --quick 4 s); throughput counts the 200 answers completed in that window, latencies are
 theirs (send to answer). Rounds interleave the servers (each round starting one server later); the table gives medians over
@@ -197,42 +198,79 @@ def start_servers(tmp: Path, model: Path) -> dict[str, Server]:
 # ------------------------------------------------------------------------------------------- load: closed
 
 
-async def closed_loop(server: Server, datas: list[bytes], clients: int, warmup: float, duration: float) -> dict:
-    """``clients`` connections, each posting its next photo as soon as the last one is answered."""
-    import httpx
+class KeepAliveClient:
+    """One keep-alive HTTP/1.1 connection with a minimal client: an httpx.AsyncClient with 32 connections
+    took half a core of the 2 here (and collapsed at 128 clients), CPU taken from the server under test."""
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    url = server.url + server.path
+    def __init__(self, port: int, path: str):
+        self.port, self.path = port, path
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, body: bytes) -> str:
+        """The status code, or the error's name (the connection is then reopened by the next call)."""
+        try:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+            self.writer.write(f"POST {self.path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\nContent-Type: image/jpeg\r\n"
+                              f"Content-Length: {len(body)}\r\n\r\n".encode("ascii") + body)
+            await self.writer.drain()
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status = head.split(b" ", 2)[1].decode("ascii")
+            fields = {k.strip().lower(): v.strip().lower() for k, _, v in
+                      (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)}
+            if b"content-length" in fields:
+                await self.reader.readexactly(int(fields[b"content-length"]))
+            elif fields.get(b"transfer-encoding") == b"chunked":
+                while True:
+                    size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                    await self.reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+            if fields.get(b"connection") == b"close":
+                self.close()
+            return status
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as e:
+            self.close()
+            return type(e).__name__
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def closed_loop(server: Server, datas: list[bytes], clients: int, warmup: float, duration: float) -> dict:
+    """``clients`` keep-alive connections, each posting its next photo as soon as the last one is answered."""
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     counter = [0]
     t_start = time.perf_counter()
     t_begin, t_end = t_start + warmup, t_start + warmup + duration
-    async with httpx.AsyncClient(limits=limits, timeout=60.0) as client:
+    connections = [KeepAliveClient(server.port, server.path) for _ in range(clients)]
 
-        async def worker(k: int) -> None:
-            while True:
-                now = time.perf_counter()
-                if now >= t_end:
-                    return
-                i = counter[0]
-                counter[0] += 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(url, content=datas[i % len(datas)],
-                                          headers={"Content-Type": "image/jpeg"})
-                    code = str(r.status_code)
-                except httpx.HTTPError as e:
-                    code = type(e).__name__
-                t1 = time.perf_counter()
-                if t_begin <= t1 <= t_end:  # answers completed in the window
-                    statuses[code] = statuses.get(code, 0) + 1
-                    if code == "200":
-                        latencies.append(t1 - t0)
-                if code != "200":
-                    await asyncio.sleep(0.01)
+    async def worker(connection: KeepAliveClient) -> None:
+        while True:
+            now = time.perf_counter()
+            if now >= t_end:
+                return
+            i = counter[0]
+            counter[0] += 1
+            t0 = time.perf_counter()
+            code = await connection.post(datas[i % len(datas)])
+            t1 = time.perf_counter()
+            if t_begin <= t1 <= t_end:  # answers completed in the window
+                statuses[code] = statuses.get(code, 0) + 1
+                if code == "200":
+                    latencies.append(t1 - t0)
+            if code != "200":
+                await asyncio.sleep(0.01)
 
-        await asyncio.gather(*(worker(k) for k in range(clients)))
+    try:
+        await asyncio.gather(*(worker(c) for c in connections))
+    finally:
+        for c in connections:
+            c.close()
     lat = np.asarray(latencies) * 1000.0
     ok = len(latencies)
     return {
@@ -390,7 +428,7 @@ def render(results: dict) -> tuple[str, list[str]]:
         f"- {results['n_photos']} photos cycled ({results['mean_kb']:.0f} KiB on average), raw JPEG bodies; "
         f"{results['repeats']} round(s) of {results['warmup_s']:.0f} s warm-up + {results['duration_s']:.0f} s "
         "measured per cell; closed loop, one keep-alive connection per client",
-        "- The load generator (httpx.AsyncClient, one event loop) runs on the same 2-core machine as the server: "
+        "- The load generator (a minimal keep-alive HTTP/1.1 client, one event loop) runs on the same 2-core machine as the server: "
         "its CPU (\"client cores\") is taken from the server",
         "",
         "| Server | Clients | req/s | p50 ms | p95 ms | p99 ms | server cores | client cores | spread | non-200 |",
@@ -556,10 +594,13 @@ def main(argv: list[str] | None = None) -> int:
         f"- Model: {results['model']} for every server (a), b): built-in `imagenet1k`, SPECIESCLF_WEIGHTS = its "
         "folder; c): the same file in its own ONNX Runtime session, intra_op_num_threads=2)",
         "- Servers, each its own process on 127.0.0.1: a) `python3 -m speciesclf serve --model imagenet1k` "
-        "(max_batch_size 32, greedy dispatch: no wait when idle, max_queue 256; ORT without spinning); b) the same with `--max-batch-size 1`; c) a "
+        "(max_batch_size 16, greedy dispatch: no wait when idle, max_queue 256; ORT without spinning, in slices of 8 "
+        "images per run); b) the same with `--max-batch-size 1`; c) a "
         "hand-written FastAPI app under `uvicorn --workers 1`: raw body → Pillow (shorter side 256 bilinear, "
         "center crop 224, normalise) → ORT batch 1 in Starlette's thread pool → softmax top-5 JSON. All log one "
         f"line per request (speciesclf's JSON log / uvicorn's access log). The run took {results['wall_s']:.0f} s.",
+        "- Load generator: benchmarks/load.py's KeepAliveClient (httpx, used before 2026-11-27 11:00, cost the "
+        "generator about half a core at 32 clients and collapsed at 128).",
     ]
     finish(results, body, args, "load.py — HTTP serving under concurrent load", details)
     return 0

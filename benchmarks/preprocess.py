@@ -513,7 +513,6 @@ def ratio_lines(results: dict, thread_counts: list[int]) -> tuple[list[str], lis
 
 
 def render(results: dict, names: list[str], thread_counts: list[int], info: list[str], checks: list[str]) -> str:
-    m = results["machine"]
     ds_lines = [
         f"- {ds['label']}: {ds['n']} images, {ds['megapixels']:.1f} MP in all, {ds['mean_kb']:.0f} KiB per file on "
         f"average, {ds['description']}; "

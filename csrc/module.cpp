@@ -13,6 +13,7 @@
 #include "decoder.h"
 #include "fused_job.h"
 #include "pipeline.h"
+#include "python_items.h"
 #include "thread_pool.h"
 
 namespace py = pybind11;
@@ -25,38 +26,6 @@ struct Failure {
   Status status;
   std::string message;
 };
-
-// Reads one input of the batch while the GIL is held; what it cannot read is a per-item failure.
-Item describe_item(const py::buffer_info& info, Status* status, std::string* message) {
-  Item item;
-  if (info.ndim == 1 && info.itemsize == 1) {
-    if (info.size > 1 && info.strides[0] != 1) {
-      *status = Status::kInvalidImage;
-      *message = "encoded bytes must be contiguous";
-    }
-    item.data = static_cast<const uint8_t*>(info.ptr);
-    item.size = std::size_t(info.size);
-    return item;
-  }
-  if ((info.ndim == 2 || info.ndim == 3) && info.format == py::format_descriptor<uint8_t>::format()) {
-    item.pixels = true;
-    item.height = int(info.shape[0]);
-    item.width = int(info.shape[1]);
-    item.channels = info.ndim == 3 ? int(info.shape[2]) : 1;
-    item.row_stride = info.strides[0];
-    item.data = static_cast<const uint8_t*>(info.ptr);
-    const bool packed = info.strides[1] == item.channels && (info.ndim == 2 || info.strides[2] == 1);
-    if (!packed || item.row_stride < std::ptrdiff_t(item.width) * item.channels) {
-      *status = Status::kInvalidImage;
-      *message = "pixel array rows must be packed (use numpy.ascontiguousarray)";
-    }
-    return item;
-  }
-  *status = Status::kInvalidImage;
-  *message = "expected encoded bytes or an HxW[xC] uint8 array, got a buffer of " + std::to_string(info.ndim) +
-             " dimension(s) and format '" + info.format + "'";
-  return item;
-}
 
 std::size_t itemsize_of(DType dtype) { return std::size_t(dtype_size(dtype)); }
 

@@ -72,6 +72,19 @@ def one_photo(sample_photos: list[Path]) -> bytes:
     return sample_photos[0].read_bytes()
 
 
+@pytest.fixture(scope="module")
+def species100(shared_dir: Path, tmp_path_factory):
+    """The built-in species100 Classifier with its weights from the shared models folder, one per module."""
+    from speciesclf import Classifier
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPECIESCLF_WEIGHTS", str(shared_dir / "models"))
+        mp.setenv("SPECIESCLF_HOME", str(tmp_path_factory.mktemp("home")))
+        classifier = Classifier.load("species100")
+        yield classifier
+        classifier.close()
+
+
 def _preload_hypothesis_patching() -> None:
     # When a Hypothesis test fails, its pytest plugin imports hypothesis.extra._patching (and libcst) to
     # suggest a patch. libcst's import emits a DeprecationWarning (mypy_extensions.TypedDict), which

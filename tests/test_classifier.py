@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-import speciesclf
 from speciesclf import Classifier, Prediction
 from speciesclf.errors import ImageReadError, InvalidImageError, UnsupportedFormatError
 from speciesclf.postprocess import PostProcessor

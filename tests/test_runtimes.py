@@ -117,3 +117,21 @@ def test_entry_point_plugin_adds_a_format(tmp_path, monkeypatch):
     blue[..., 2] = 250
     assert [p.label for p in clf.predict_batch([red, blue])] == ["red", "blue"]
     sys.modules.pop("npyloader", None)
+
+
+def test_onnx_runtime_runs_large_batches_in_slices(shared_dir):
+    # Slicing is a speed choice only: the outputs must be those of one run over the whole batch.
+    from speciesclf.runtimes.ort import OnnxRuntime
+
+    model = shared_dir / "models" / "mobilenetv2-12-int8.onnx"
+    whole = OnnxRuntime(model, device="cpu", threads=2, run_batch=0)
+    sliced = OnnxRuntime(model, device="cpu", threads=2, run_batch=3)
+    assert OnnxRuntime(model, device="cpu").run_batch == 8  # the CPU default
+    batch = np.random.default_rng(0).normal(size=(7, 3, 224, 224)).astype(np.float32)
+    expected = whole.run(batch)
+    assert expected.shape == (7, 1000)
+    # (equal here; a tolerance in case a CPU's kernels differ with the batch size)
+    np.testing.assert_allclose(sliced.run(batch), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sliced.run(batch[:2]), expected[:2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="run_batch"):
+        OnnxRuntime(model, device="cpu", run_batch=-1)

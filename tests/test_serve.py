@@ -83,15 +83,8 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 @pytest.fixture(scope="module")
-def clf(shared_dir: Path, tmp_path_factory):
-    from speciesclf import Classifier
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPECIESCLF_WEIGHTS", str(shared_dir / "models"))
-        mp.setenv("SPECIESCLF_HOME", str(tmp_path_factory.mktemp("home")))
-        classifier = Classifier.load("species100")
-        yield classifier
-        classifier.close()
+def clf(species100):
+    return species100
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +113,7 @@ def slow_server(clf):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"max_batch_size": 0}, {"max_queue": -1}, {"max_wait_ms": -1}, {"default_timeout_ms": 0},
+    {"max_batch_size": 0}, {"batches_in_flight": 0}, {"max_queue": -1}, {"max_wait_ms": -1}, {"default_timeout_ms": 0},
     {"max_body_bytes": 1.5}, {"min_side": True}, {"host": ""}, {"port": 70000},
     {"max_queue": 8, "max_batch_request": 64}, {"default_timeout_ms": 10, "max_timeout_ms": 5},
 ])
@@ -131,7 +124,7 @@ def test_config_is_validated_up_front(kwargs) -> None:
 
 def test_config_defaults() -> None:
     c = ServeConfig()
-    assert (c.max_batch_size, c.max_wait_ms, c.max_queue, c.default_timeout_ms) == (32, 5.0, 256, 10_000)
+    assert (c.max_batch_size, c.max_wait_ms, c.max_queue, c.default_timeout_ms) == (16, 5.0, 256, 10_000)
     assert (c.max_body_bytes, c.min_side, c.max_batch_request) == (20 * 2**20, 16, 64)
     with pytest.raises(Exception):
         c.max_queue = 1  # frozen
@@ -160,7 +153,7 @@ def test_every_endpoint(server: LiveServer, photos, clf) -> None:
         models = c.get("/v1/models").json()["models"][0]
         assert models["model"] == "species100@1.0.0" and models["labels"] == 100
         assert models["preprocessing"]["size"] == 224
-        assert models["serving"]["max_batch_size"] == 32 and models["serving"]["max_body_bytes"] == 2 * 2**20
+        assert models["serving"]["max_batch_size"] == 16 and models["serving"]["max_body_bytes"] == 2 * 2**20
 
         raw = c.post("/v1/predict", content=photo, headers={"content-type": "application/octet-stream",
                                                              "x-request-id": "my-id-1"})
@@ -404,6 +397,36 @@ def test_json_logs_with_request_id_and_no_image_bytes(server: LiveServer, photos
     assert b64(photo)[:40] not in text and "junk" not in text
 
 
+class RecordingClassifier(SlowClassifier):
+    """The real classifier, recording the size of every inference call."""
+
+    def __init__(self, clf):
+        super().__init__(clf, 0.0)
+        self.sizes: list[int] = []
+
+    def predict_batch(self, xs, **kw):
+        self.sizes.append(len(xs))
+        return super().predict_batch(xs, **kw)
+
+
+@pytest.mark.shared
+def test_a_large_batch_request_is_split_not_allowed_to_overflow_the_batch(clf, photos) -> None:
+    recorder = RecordingClassifier(clf)
+    config = ServeConfig(max_batch_size=4, max_batch_request=10, max_queue=40)
+    with LiveServer(create_app(recorder, config)) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        chosen = photos[:10]
+        r = c.post("/v1/predict/batch", json={"images": [b64(p) for p, _ in chosen], "top_k": 1})
+        assert r.status_code == 200
+        assert [i["label"] for i in r.json()["predictions"]] == [label for _, label in chosen]  # in order
+        # and while it runs in slices, single requests still get their own answers
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            singles = list(pool.map(lambda pl: c.post("/v1/predict", content=pl[0],
+                                                      headers={"content-type": "image/jpeg"}).json()["label"],
+                                    photos[10:18]))
+        assert singles == [label for _, label in photos[10:18]]
+    assert recorder.sizes and max(recorder.sizes[1:]) <= 4, recorder.sizes  # [0] is the warm-up
+
+
 @pytest.mark.shared
 def test_effective_settings_are_logged_at_start_up(clf, caplog) -> None:
     config = ServeConfig(max_batch_size=7, max_queue=70, max_batch_request=7)
@@ -548,3 +571,24 @@ def test_serve_with_two_worker_processes(shared_dir: Path, tmp_path: Path, photo
                 proc.kill()
             log.close()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-2000:]
+
+
+@pytest.mark.shared
+def test_two_batches_in_flight_keep_answers_apart(clf, photos) -> None:
+    # Batches overlap, and a large request's slices may finish out of order: every answer must still be the
+    # request's own, in its order.
+    config = ServeConfig(max_batch_size=3, batches_in_flight=2, max_batch_request=12, max_queue=64)
+    with LiveServer(create_app(SlowClassifier(clf, 0.02), config)) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as c:
+        def one(k: int):
+            if k % 3 == 0:
+                chosen = [photos[(k + j) % len(photos)] for j in range(7)]
+                r = c.post("/v1/predict/batch", json={"images": [b64(p) for p, _ in chosen], "top_k": 1})
+                return [i["label"] for i in r.json()["predictions"]], [label for _, label in chosen]
+            photo, label = photos[k % len(photos)]
+            r = c.post("/v1/predict", content=photo, headers={"content-type": "image/jpeg"})
+            return r.json()["label"], label
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for got, expected in pool.map(one, range(24)):
+                assert got == expected

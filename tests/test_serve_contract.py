@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import io
-from pathlib import Path
 
 import pytest
 
@@ -80,19 +79,10 @@ def _with_documented_requests(doc: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def live(shared_dir: Path, tmp_path_factory):
-    from speciesclf import Classifier
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPECIESCLF_WEIGHTS", str(shared_dir / "models"))
-        mp.setenv("SPECIESCLF_HOME", str(tmp_path_factory.mktemp("home")))
-        clf = Classifier.load("species100")
-        try:
-            app = create_app(clf, ServeConfig(max_body_bytes=2**20, max_wait_ms=2))
-            with LiveServer(app) as server:
-                yield app, server
-        finally:
-            clf.close()
+def live(species100):
+    app = create_app(species100, ServeConfig(max_body_bytes=2**20, max_wait_ms=2))
+    with LiveServer(app) as server:
+        yield app, server
 
 
 def test_openapi_document(live) -> None:

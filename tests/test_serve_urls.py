@@ -370,15 +370,8 @@ def test_an_unresolvable_name_is_a_fetch_failure() -> None:
 
 
 @pytest.fixture(scope="module")
-def clf(shared_dir: Path, tmp_path_factory):
-    from speciesclf import Classifier
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPECIESCLF_WEIGHTS", str(shared_dir / "models"))
-        mp.setenv("SPECIESCLF_HOME", str(tmp_path_factory.mktemp("home")))
-        classifier = Classifier.load("species100")
-        yield classifier
-        classifier.close()
+def clf(species100):
+    return species100
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/dlpack_abi.h"
 #include "cuda/gpu_pipeline.h"
+#include "python_items.h"
 #if SPECIESCLF_HAVE_NVJPEG
 #include "cuda/nvjpeg_decoder.h"
 #endif
@@ -23,38 +24,6 @@ namespace py = pybind11;
 using namespace speciesclf;
 
 namespace {
-
-// The same rules as the CPU module's describe_item (module.cpp): what cannot be read is a per-item failure.
-Item describe_item(const py::buffer_info& info, Status* status, std::string* message) {
-  Item item;
-  if (info.ndim == 1 && info.itemsize == 1) {
-    if (info.size > 1 && info.strides[0] != 1) {
-      *status = Status::kInvalidImage;
-      *message = "encoded bytes must be contiguous";
-    }
-    item.data = static_cast<const uint8_t*>(info.ptr);
-    item.size = std::size_t(info.size);
-    return item;
-  }
-  if ((info.ndim == 2 || info.ndim == 3) && info.format == py::format_descriptor<uint8_t>::format()) {
-    item.pixels = true;
-    item.height = int(info.shape[0]);
-    item.width = int(info.shape[1]);
-    item.channels = info.ndim == 3 ? int(info.shape[2]) : 1;
-    item.row_stride = info.strides[0];
-    item.data = static_cast<const uint8_t*>(info.ptr);
-    const bool packed = info.strides[1] == item.channels && (info.ndim == 2 || info.strides[2] == 1);
-    if (!packed || item.row_stride < std::ptrdiff_t(item.width) * item.channels) {
-      *status = Status::kInvalidImage;
-      *message = "pixel array rows must be packed (use numpy.ascontiguousarray)";
-    }
-    return item;
-  }
-  *status = Status::kInvalidImage;
-  *message = "expected encoded bytes or an HxW[xC] uint8 array, got a buffer of " + std::to_string(info.ndim) +
-             " dimension(s) and format '" + info.format + "'";
-  return item;
-}
 
 // Borrows the device memory of a "dltensor" capsule for one call, checking that it is the batch the
 // spec describes; the capsule is marked used and its deleter called when the call is done.

@@ -416,10 +416,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        config = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, default_timeout_ms=args.timeout_ms,
-                             url_inputs=bool(args.url_allow_host), url_allow_hosts=tuple(args.url_allow_host),
-                             url_allow_networks=tuple(args.url_allow_network))
+        # Only what was given on the command line: every default lives in ServeConfig, nowhere else.
+        given = {field: getattr(args, option) for option, field in (
+            ("max_batch_size", "max_batch_size"), ("batches_in_flight", "batches_in_flight"),
+            ("max_wait_ms", "max_wait_ms"), ("max_queue", "max_queue"), ("timeout_ms", "default_timeout_ms"),
+        ) if getattr(args, option) is not None}
+        config = ServeConfig(host=args.host, port=args.port, url_inputs=bool(args.url_allow_host),
+                             url_allow_hosts=tuple(args.url_allow_host),
+                             url_allow_networks=tuple(args.url_allow_network), **given)
     except ValueError as e:
         print(f"speciesclf: error: {e}", file=sys.stderr)
         return 1
@@ -433,11 +437,13 @@ def _add_serve_command(sub) -> None:
                    help="bundle path, registry reference or built-in model (default: species100)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=32, help="images per inference call")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="kept for compatibility: an idle worker dispatches at once, and requests "
-                        "arriving during an inference form the next batch")
-    p.add_argument("--max-queue", type=int, default=256, help="images waiting; beyond it requests get 429")
-    p.add_argument("--timeout-ms", type=int, default=10_000, help="default per-request deadline")
+    p.add_argument("--max-batch-size", type=int, help="images per inference call (default 16)")
+    p.add_argument("--batches-in-flight", type=int,
+                   help="batches decoded or inferred at once (default 1: one after another)")
+    p.add_argument("--max-wait-ms", type=float, help="kept for compatibility: an idle worker dispatches at once, and "
+                        "requests arriving during an inference form the next batch")
+    p.add_argument("--max-queue", type=int, help="images waiting; beyond it requests get 429 (default 256)")
+    p.add_argument("--timeout-ms", type=int, help="default per-request deadline (default 10000)")
     p.add_argument("--workers", type=int, default=1,
                    help="uvicorn worker processes, each loading the model with its own queue (default 1)")
     p.add_argument("--url-allow-host", action="append", default=[], metavar="HOST",

@@ -13,7 +13,7 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None,
-                 allow_spinning: bool = True, dtype: str = "float32"):
+                 allow_spinning: bool = True, dtype: str = "float32", run_batch: int | None = None):
         if dtype != "float32":
             raise ValueError(f"precision {dtype!r} is for torch models: an ONNX model runs in the precision it was "
                              "exported with")
@@ -41,6 +41,12 @@ class OnnxRuntime:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.device = "cuda" if wants_cuda else "cpu"
+        # On the CPU, time per image grows once a run's activations outgrow the caches (MobileNetV2 int8 on
+        # 2 cores: 0.84 ms/img at 8 images per run, 1.20 at 64), so large batches run in slices of this
+        # many images; a GPU takes the whole batch. 0 never slices.
+        if run_batch is not None and run_batch < 0:
+            raise ValueError(f"run_batch must be >= 0, got {run_batch}")
+        self.run_batch = (0 if wants_cuda else 8) if run_batch is None else int(run_batch)
         (model_input,) = self.session.get_inputs()
         self.input_name = model_input.name
         self.input_shape = model_input.shape
@@ -56,6 +62,12 @@ class OnnxRuntime:
             if self.device == "cuda" and batch.is_cuda:
                 return self._run_on_device(batch)
             batch = batch.detach().cpu().numpy()
+        step = self.run_batch or len(batch)
+        if len(batch) <= step:
+            return self._run_slice(batch)
+        return np.concatenate([self._run_slice(batch[i:i + step]) for i in range(0, len(batch), step)])
+
+    def _run_slice(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch)})[0]
 
     def _run_on_device(self, batch) -> np.ndarray:

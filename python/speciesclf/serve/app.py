@@ -139,7 +139,7 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
 
     @app.post("/v1/predict")
     async def predict(request: Request):
-        clf = _require_ready(state)
+        _require_ready(state)
         deadline = asyncio.get_running_loop().time() + _timeout(request, config)
         top_k = _top_k(request.query_params.get("top_k"), config, source="query parameter top_k")
         body = await _read_body(request, config)

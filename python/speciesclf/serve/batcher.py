@@ -38,15 +38,21 @@ class ShuttingDown(Exception):
 
 
 class _Job:
-    __slots__ = ("images", "top_k", "deadline", "future", "state", "enqueued")
+    __slots__ = ("images", "top_k", "deadline", "future", "state", "enqueued", "dispatched", "results", "missing",
+                 "largest_batch")
 
     def __init__(self, images: list[bytes], top_k: int, deadline: float, future: asyncio.Future):
         self.images = images
         self.top_k = top_k
         self.deadline = deadline  # loop.time()
         self.future = future
-        self.state = "queued"  # queued -> running -> done, or queued -> dropped
+        self.state = "queued"  # queued -> running -> done, or queued/running -> dropped
         self.enqueued = time.perf_counter()
+        # A request of more images than a batch holds runs in slices over consecutive batches.
+        self.dispatched = 0  # images handed to inference so far
+        self.results: list[Any] = [None] * len(images)
+        self.missing = len(images)  # images without a prediction yet
+        self.largest_batch = 0
 
 
 class Batcher:
@@ -60,7 +66,11 @@ class Batcher:
         self._queued_images = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="speciesclf-serve-infer")
+        # With batches_in_flight > 1 the next batch's decoding overlaps the current one's inference, and the
+        # runtime is not left idle while the event loop sends one batch's answers and reads the next requests.
+        self._executor = ThreadPoolExecutor(config.batches_in_flight, thread_name_prefix="speciesclf-serve-infer")
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
         self._stopping = False
         self._throughput = 50.0  # images/s, a running estimate for Retry-After
         self.last_batch_size = 0
@@ -71,6 +81,7 @@ class Batcher:
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.config.batches_in_flight)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="speciesclf-serve-batcher")
 
     async def predict(self, images: list[bytes], top_k: int, timeout_s: float) -> tuple[list[Any], int]:
@@ -89,13 +100,11 @@ class Batcher:
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(timeout_s, 0.0))
         except asyncio.TimeoutError:
-            if job.state == "queued":
-                self._drop(job)
-                raise DeadlineExceeded("queued") from None
-            raise DeadlineExceeded("inference") from None
+            queued = job.state == "queued"
+            self._drop(job)  # slices not yet dispatched are not run
+            raise DeadlineExceeded("queued" if queued else "inference") from None
         except asyncio.CancelledError:  # the client went away: do not run its images
-            if job.state == "queued":
-                self._drop(job)
+            self._drop(job)
             raise
 
     def _set_queued(self, n: int) -> None:
@@ -103,20 +112,18 @@ class Batcher:
         self.metrics.queue_depth = n
 
     def _drop(self, job: _Job) -> None:
+        if job.state == "done":
+            return
         job.state = "dropped"
         try:
             self._queue.remove(job)
         except ValueError:
             return
-        self._set_queued(self._queued_images - len(job.images))
+        self._set_queued(self._queued_images - (len(job.images) - job.dispatched))
 
-    def _pop(self) -> _Job:
-        job = self._queue.popleft()
-        self._set_queued(self._queued_images - len(job.images))
-        return job
-
-    async def _next_batch(self) -> list[_Job] | None:
-        """What is queued now, up to max_batch_size images. Called only when the worker is free, so it never
+    async def _next_batch(self) -> list[tuple[_Job, int, int]] | None:
+        """(job, first, end) slices of what is queued now, max_batch_size images in all: a large request is
+        split rather than allowed to overflow the batch. Called only when the worker is free, so it never
         waits for company: requests coalesce by themselves while the previous inference runs, and a lone
         request on an idle worker is dispatched at once (waiting max_wait_ms for it would only add latency)."""
         while not self._queue:
@@ -124,59 +131,87 @@ class Batcher:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
-        batch = [self._pop()]
-        size = len(batch[0].images)
-        while self._queue and size + len(self._queue[0].images) <= self.config.max_batch_size:
-            job = self._pop()
-            batch.append(job)
-            size += len(job.images)
+        batch: list[tuple[_Job, int, int]] = []
+        room = self.config.max_batch_size
+        while self._queue and room > 0:
+            job = self._queue[0]
+            first = job.dispatched
+            end = min(len(job.images), first + room)
+            batch.append((job, first, end))
+            job.dispatched = end
+            room -= end - first
+            self._set_queued(self._queued_images - (end - first))
+            if end == len(job.images):
+                self._queue.popleft()
         return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            now = loop.time()
-            live = []
-            for job in batch:
-                if job.future.done() or job.state == "dropped":
-                    continue
-                if now >= job.deadline:  # expired while queued: never run late work
-                    job.state = "dropped"
-                    job.future.set_exception(DeadlineExceeded("queued"))
-                    continue
-                job.state = "running"
-                live.append(job)
-            if not live:
+        try:
+            while True:
+                await self._slots.acquire()
+                batch = await self._next_batch()
+                if batch is None:
+                    self._slots.release()
+                    return
+                task = loop.create_task(self._run_batch(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            if self._running:  # drain: what was dispatched finishes
+                await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _run_batch(self, batch: list[tuple[_Job, int, int]]) -> None:
+        try:
+            await self._infer(batch)
+        finally:
+            self._slots.release()
+
+    async def _infer(self, batch: list[tuple[_Job, int, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        live: list[tuple[_Job, int, int]] = []
+        for job, first, end in batch:
+            if job.future.done() or job.state == "dropped":
                 continue
-            images = [image for job in live for image in job.images]
-            top_k = max(job.top_k for job in live)
-            self.metrics.in_flight = len(images)
-            self.metrics.batch(len(images))
-            self.last_batch_size = len(images)
-            start = time.perf_counter()
-            try:
-                predictions = await loop.run_in_executor(
-                    self._executor, lambda: self.classifier.predict_batch(images, top_k=top_k))
-            except Exception as e:  # a runtime failure: every request of this batch gets it
-                for job in live:
-                    job.state = "done"
-                    if not job.future.done():
-                        job.future.set_exception(e)
+            if now >= job.deadline:  # expired while queued: never run late work
+                queued = job.state == "queued"
+                self._drop(job)
+                job.future.set_exception(DeadlineExceeded("queued" if queued else "inference"))
                 continue
-            finally:
-                self.metrics.in_flight = 0
-            elapsed = max(time.perf_counter() - start, 1e-6)
-            self._throughput = 0.8 * self._throughput + 0.2 * (len(images) / elapsed)
-            at = 0
-            for job in live:
-                job.state = "done"
-                mine = predictions[at:at + len(job.images)]
-                at += len(job.images)
+            job.state = "running"
+            live.append((job, first, end))
+        if not live:
+            return
+        images = [image for job, first, end in live for image in job.images[first:end]]
+        top_k = max(job.top_k for job, _, _ in live)
+        self.metrics.in_flight += len(images)
+        self.metrics.batch(len(images))
+        self.last_batch_size = len(images)
+        start = time.perf_counter()
+        try:
+            predictions = await loop.run_in_executor(
+                self._executor, lambda: self.classifier.predict_batch(images, top_k=top_k))
+        except Exception as e:  # a runtime failure: every request of this batch gets it
+            for job, _, _ in live:
+                self._drop(job)
                 if not job.future.done():
-                    job.future.set_result((mine, len(images)))
+                    job.future.set_exception(e)
+            return
+        finally:
+            self.metrics.in_flight -= len(images)
+        elapsed = max(time.perf_counter() - start, 1e-6)
+        self._throughput = 0.8 * self._throughput + 0.2 * (len(images) / elapsed)
+        at = 0
+        for job, first, end in live:
+            job.results[first:end] = predictions[at:at + end - first]
+            at += end - first
+            job.missing -= end - first
+            job.largest_batch = max(job.largest_batch, len(images))
+            if job.missing == 0 and job.state == "running":
+                job.state = "done"
+                if not job.future.done():
+                    job.future.set_result((job.results, job.largest_batch))
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Refuse new work, finish what was accepted (up to ``drain_timeout_s``), then stop the worker."""

@@ -16,7 +16,13 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int = 32  # images per inference call
+    # Images per inference call. On CPUs, batches beyond ~16 gain nothing (ONNX Runtime runs them in slices
+    # of 8) and a batch as large as the client count makes requests arrive and leave in one convoy, leaving
+    # the runtime idle while the responses go out (measured at 32 clients: 488 req/s at 16, 448 at 32).
+    max_batch_size: int = 16
+    # Batches being decoded or inferred at once. 2 lets the next batch's decoding overlap the current one's
+    # inference; on 2 cores that measured within noise of 1 (515 against 500 req/s at 32 clients).
+    batches_in_flight: int = 1
     max_wait_ms: float = 5.0  # how long the worker waits for more requests to fill a batch
     max_queue: int = 256  # images waiting for inference; beyond this: 429
     default_timeout_ms: int = 10_000  # per-request deadline, overridable with X-Request-Timeout-Ms
@@ -46,7 +52,7 @@ class ServeConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ServeConfig.{name} must be a positive int, got {value!r}")
 
-        for name in ("max_batch_size", "max_queue", "default_timeout_ms", "max_timeout_ms", "max_body_bytes",
+        for name in ("max_batch_size", "batches_in_flight", "max_queue", "default_timeout_ms", "max_timeout_ms", "max_body_bytes",
                      "max_pixels", "min_side", "max_batch_request", "max_top_k", "url_max_bytes", "url_max_concurrent",
                      "url_max_length"):
             positive_int(name)
