@@ -66,7 +66,14 @@ GpuPipeline::GpuPipeline(const OutputSpec& spec, int device, bool use_nvjpeg, bo
     uint8_t* t = table_.reserve(sizeof table);
     cuda_check(cudaMemcpy(t, table, sizeof table, cudaMemcpyHostToDevice), "cudaMemcpy (table)");
 #if SPECIESCLF_HAVE_NVJPEG
-    if (use_nvjpeg) nvjpeg_.reset(new NvjpegDecoder(stream_, use_hardware_decoder));
+    if (use_nvjpeg) {
+      try {
+        nvjpeg_.reset(new NvjpegDecoder(stream_, use_hardware_decoder));
+      } catch (const CudaFailure& e) {
+        // The GPU path still works without nvJPEG: every image is then decoded by the CPU core.
+        nvjpeg_error_ = e.what();
+      }
+    }
 #else
     (void)use_nvjpeg;
     (void)use_hardware_decoder;
@@ -88,7 +95,7 @@ std::string GpuPipeline::decoder() const {
 #if SPECIESCLF_HAVE_NVJPEG
   if (nvjpeg_) return nvjpeg_->has_hardware() ? "nvjpeg (hardware + hybrid)" : "nvjpeg (hybrid)";
 #endif
-  return "cpu";
+  return nvjpeg_error_.empty() ? "cpu" : "cpu (nvJPEG did not start: " + nvjpeg_error_ + ")";
 }
 
 void GpuPipeline::plan_cpu_decode(Work& w) const {

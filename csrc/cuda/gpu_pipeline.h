@@ -38,7 +38,7 @@ class GpuPipeline {
   int device() const { return device_; }
   cudaStream_t stream() const { return stream_; }
   std::size_t slot_bytes() const { return slot_bytes_; }
-  std::string decoder() const;  // "nvjpeg (hardware + hybrid)", "nvjpeg (hybrid)" or "cpu"
+  std::string decoder() const;  // "nvjpeg (hardware + hybrid)", "nvjpeg (hybrid)" or "cpu[ (why)]"
   const RouteCounts& last_routes() const { return routes_; }
 
   // Writes item i into the device buffer `out` at slot slots[i]. Items whose status is already set are
@@ -58,6 +58,7 @@ class GpuPipeline {
   cudaStream_t stream_ = nullptr;
   std::size_t slot_bytes_;
   std::unique_ptr<NvjpegDecoder> nvjpeg_;
+  std::string nvjpeg_error_;  // why nvJPEG is not used although it was asked for
   DeviceBuffer table_;       // [3][256] normalisation table
   DeviceBuffer decoded_;     // nvJPEG's output images
   PinnedBuffer staging_;     // CPU-decoded images and pixel arrays, on their way up
