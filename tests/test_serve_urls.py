@@ -45,6 +45,7 @@ class Origin:
     def __init__(self, image: bytes, tls: ssl.SSLContext | None = None):
         self.image = image
         self.hosts: list[str] = []  # the Host header of every request
+        self.paths: list[str] = []  # the request target of every request, as sent
         self.stop = threading.Event()
         origin = self
 
@@ -64,6 +65,7 @@ class Origin:
 
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 origin.hosts.append(self.headers.get("Host", ""))
+                origin.paths.append(self.path)
                 url = urlsplit(self.path)
                 query = parse_qs(url.query)
                 path = url.path
@@ -301,6 +303,20 @@ def test_the_vetted_address_is_the_one_connected_to_so_rebinding_cannot_swap_it(
         assert fetch(fetcher, "http://rebind.example:8080/cat.jpg") == image
         assert dns.lookups == ["rebind.example"] and dns.connects == [("93.184.215.14", 8080, None)]
         assert origin.hosts[-1] == "rebind.example:8080"
+
+
+def test_non_ascii_urls_are_sent_encoded_not_failed() -> None:
+    # An IDN host goes out in its ASCII (punycode) form, a non-ASCII path percent-encoded as UTF-8; a host
+    # that is no valid domain name is refused. None of them may end as a server error.
+    with Origin(jpeg()) as origin:
+        dns = FakeDNS({"xn--exmple-cua.example": ["93.184.215.14"]}, origin.port)
+        fetcher = UrlFetcher(config(), resolver=dns.resolve, connector=dns.connect)
+        e = refused(fetcher, "http://exämple.example/chat-noir-é.jpg?q=ü")
+        assert (e.status, e.code) == (400, "url_fetch_failed") and "404" in e.message
+        assert origin.hosts[-1] == "xn--exmple-cua.example"
+        assert origin.paths[-1] == "/chat-noir-%C3%A9.jpg?q=%C3%BC"
+        e = refused(fetcher, "http://bad..example/cat.jpg")
+        assert (e.status, e.code) == (400, "url_not_allowed")
 
 
 def test_every_redirect_is_checked_again() -> None:

@@ -16,7 +16,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from ._images import ApiError
 
@@ -191,10 +191,16 @@ class UrlFetcher:
         host = (parts.hostname or "").rstrip(".")
         if not host:
             raise refused("the URL has no host")
+        try:  # an internationalised name travels (and is matched against the allowlist) in its ASCII form
+            host = host.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise refused(f"host {host!r} is not a valid domain name") from None
         if not host_allowed(host, self.allow_hosts):
             raise refused(f"host {host!r} is not in url_allow_hosts")
         port = port or (443 if scheme == "https" else 80)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # Characters outside ASCII go out percent-encoded as UTF-8, as browsers send them.
+        target = "".join(c if c < "\x80" else quote(c, safe="") for c in target)
         name = f"[{host}]" if ":" in host else host
         host_header = name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
         return scheme, host, port, target, host_header
