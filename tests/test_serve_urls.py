@@ -18,6 +18,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -515,3 +517,41 @@ def test_the_request_deadline_bounds_the_fetch(server, origin) -> None:
         r = c.post("/v1/predict", json={"url": f"{origin.base}/drip"}, headers={"x-request-timeout-ms": "300"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "url_fetch_failed"
         assert time.perf_counter() - t0 < 0.3 + 0.4
+
+
+class _NotFoundOrigin:
+    """A connector whose every connection answers 404: for fuzzing what a URL can do before the fetch."""
+
+    class _Writer:
+        def write(self, data: bytes) -> None:
+            assert data.isascii()  # whatever the URL, what goes on the wire is ASCII
+
+        async def drain(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    async def connect(self, address: str, port: int, **kw):
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        reader.feed_eof()
+        return reader, self._Writer()
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        return ["93.184.215.14"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(url=st.one_of(
+    st.text(max_size=80),
+    st.builds(lambda scheme, host, rest: f"{scheme}://{host}{rest}",
+              st.sampled_from(["http", "https", "HTTP", "ftp", "file", "", "javascript"]),
+              st.text(max_size=30), st.text(max_size=40)),
+))
+def test_any_url_string_ends_in_an_api_error_never_an_exception(url: str) -> None:
+    origin = _NotFoundOrigin()
+    fetcher = UrlFetcher(config(), resolver=origin.resolve, connector=origin.connect)
+    with pytest.raises(ApiError) as e:
+        asyncio.run(fetcher.fetch(url, 2.0))
+    assert 400 <= e.value.status < 500
