@@ -78,23 +78,10 @@ py::list preprocess(const py::list& items, const py::buffer& out, int size, int 
     if (s >= capacity) throw py::value_error("out holds " + std::to_string(capacity) + " images, slot " +
                                              std::to_string(s) + " is past its end");
 
-  std::vector<py::buffer_info> views;  // keep every input alive and pinned until the GIL comes back
-  views.reserve(n);
-  std::vector<Item> work(n);
-  std::vector<Status> statuses(n, Status::kOk);
-  std::vector<std::string> messages(n);
-  for (std::size_t i = 0; i < n; ++i) {
-    py::handle obj = items[i];
-    try {
-      views.emplace_back(py::reinterpret_borrow<py::buffer>(obj).request());
-    } catch (const py::error_already_set&) {
-      views.emplace_back();
-      statuses[i] = Status::kInvalidImage;
-      messages[i] = std::string("not a buffer: ") + py::str(py::type::of(obj)).cast<std::string>();
-      continue;
-    }
-    work[i] = describe_item(views.back(), &statuses[i], &messages[i]);
-  }
+  DescribedBatch batch(items);
+  std::vector<Item>& work = batch.items;
+  std::vector<Status>& statuses = batch.statuses;
+  std::vector<std::string>& messages = batch.messages;
 
   // Optional (capacity, 2) float64 array: per slot, seconds spent decoding and resizing.
   double* seconds = nullptr;

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
 
 #include "pipeline.h"
 
@@ -40,5 +41,34 @@ inline Item describe_item(const pybind11::buffer_info& info, Status* status, std
              " dimension(s) and format '" + info.format + "'";
   return item;
 }
+
+// A whole batch, read while the GIL is held. `views` keeps every input alive and pinned until the GIL
+// comes back; an item that is no buffer at all gets its failure here.
+struct DescribedBatch {
+  std::vector<pybind11::buffer_info> views;
+  std::vector<Item> items;
+  std::vector<Status> statuses;
+  std::vector<std::string> messages;
+
+  explicit DescribedBatch(const pybind11::list& inputs) {
+    const std::size_t n = std::size_t(pybind11::len(inputs));
+    views.reserve(n);
+    items.resize(n);
+    statuses.assign(n, Status::kOk);
+    messages.resize(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      pybind11::handle obj = inputs[i];
+      try {
+        views.emplace_back(pybind11::reinterpret_borrow<pybind11::buffer>(obj).request());
+      } catch (const pybind11::error_already_set&) {
+        views.emplace_back();
+        statuses[i] = Status::kInvalidImage;
+        messages[i] = std::string("not a buffer: ") + pybind11::str(pybind11::type::of(obj)).cast<std::string>();
+        continue;
+      }
+      items[i] = describe_item(views.back(), &statuses[i], &messages[i]);
+    }
+  }
+};
 
 }  // namespace speciesclf

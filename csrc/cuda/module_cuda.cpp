@@ -106,23 +106,10 @@ class PyGpuPipeline {
     std::size_t rows = 0;
     for (std::size_t s : slots) rows = std::max(rows, s + 1);
     BorrowedOutput output(out, pipeline_->device(), spec_, rows);
-    std::vector<py::buffer_info> views;  // inputs stay alive and pinned until the GIL comes back
-    views.reserve(n);
-    std::vector<Item> work(n);
-    std::vector<Status> statuses(n, Status::kOk);
-    std::vector<std::string> messages(n);
-    for (std::size_t i = 0; i < n; ++i) {
-      py::handle obj = items[i];
-      try {
-        views.emplace_back(py::reinterpret_borrow<py::buffer>(obj).request());
-      } catch (const py::error_already_set&) {
-        views.emplace_back();
-        statuses[i] = Status::kInvalidImage;
-        messages[i] = std::string("not a buffer: ") + py::str(py::type::of(obj)).cast<std::string>();
-        continue;
-      }
-      work[i] = describe_item(views.back(), &statuses[i], &messages[i]);
-    }
+    DescribedBatch batch(items);
+    std::vector<Item>& work = batch.items;
+    std::vector<Status>& statuses = batch.statuses;
+    std::vector<std::string>& messages = batch.messages;
     {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(mutex_);  // this object's buffers, not a process-wide lock
