@@ -21,12 +21,6 @@ using namespace speciesclf;
 
 namespace {
 
-struct Failure {
-  std::size_t slot;
-  Status status;
-  std::string message;
-};
-
 std::size_t itemsize_of(DType dtype) { return std::size_t(dtype_size(dtype)); }
 
 bool is_c_contiguous(const py::buffer_info& info) {

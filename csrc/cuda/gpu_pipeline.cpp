@@ -49,7 +49,8 @@ struct GpuPipeline::Work {
   int orientation = 1;
   double box[4] = {0, 0, 0, 0};
   const uint8_t* device_pixels = nullptr;
-  std::size_t staged_offset = 0, staged_bytes = 0;
+  std::size_t decoded_offset = 0;                  // nvJPEG's output, in decoded_
+  std::size_t staged_offset = 0, staged_bytes = 0;  // CPU-decoded or pixel input, in staging_ and uploaded_
 };
 
 GpuPipeline::GpuPipeline(const OutputSpec& spec, int device, bool use_nvjpeg, bool use_hardware_decoder)
@@ -198,14 +199,14 @@ void GpuPipeline::run(const std::vector<Item>& items, const std::vector<std::siz
   std::size_t decoded_bytes = 0;
   for (Work& w : work) {
     if (w.route != Route::kNvjpeg) continue;
-    w.staged_offset = decoded_bytes;  // reused here as the offset in decoded_
+    w.decoded_offset = decoded_bytes;
     decoded_bytes += aligned(std::size_t(w.width) * w.height * w.channels);
     jpegs.push_back(&w.jpeg);
   }
   if (!jpegs.empty()) {
     uint8_t* base = decoded_.reserve(decoded_bytes);
     for (Work& w : work)
-      if (w.route == Route::kNvjpeg) w.jpeg.dst = base + w.staged_offset;
+      if (w.route == Route::kNvjpeg) w.jpeg.dst = base + w.decoded_offset;
     nvjpeg_->decode(jpegs);
     for (Work& w : work) {
       if (w.route != Route::kNvjpeg) continue;

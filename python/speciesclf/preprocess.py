@@ -85,8 +85,6 @@ def preprocess_batch(
         from . import gpu
 
         return gpu.preprocessor_for_thread(spec, device, threads)(items, out=out, on_error=on_error)
-    if not isinstance(spec, PreprocessSpec):
-        raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
     chosen = _backend.resolve(backend)
     threads = _backend.default_threads() if threads is None else int(threads)
     if threads < 1:

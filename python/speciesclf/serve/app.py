@@ -139,11 +139,7 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
 
     @app.post("/v1/predict")
     async def predict(request: Request):
-        _require_ready(state)
-        deadline = asyncio.get_running_loop().time() + _timeout(request, config)
-        top_k = _top_k(request.query_params.get("top_k"), config, source="query parameter top_k")
-        body = await _read_body(request, config)
-        kind = _body_kind(request)
+        deadline, top_k, body, kind = await _start(state, request, config)
         if kind == "json":
             payload = _json(body)
             _only(payload, {"image", "url", "top_k"})
@@ -179,11 +175,7 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request):
-        _require_ready(state)
-        deadline = asyncio.get_running_loop().time() + _timeout(request, config)
-        top_k = _top_k(request.query_params.get("top_k"), config, source="query parameter top_k")
-        body = await _read_body(request, config)
-        kind = _body_kind(request)
+        deadline, top_k, body, kind = await _start(state, request, config)
         items: list[Any] = []  # bytes, or an ApiError for the item
         if kind == "json":
             payload = _json(body)
@@ -295,6 +287,15 @@ def _load_classifier(source: Any):
         return Classifier.load(source, runtime_options={"allow_spinning": False})
     except TypeError:
         return Classifier.load(source)
+
+
+async def _start(state: _State, request: Request, config: ServeConfig) -> tuple[float, int, bytes, str]:
+    """What both predict routes do first: (deadline, top_k from the query, body, body kind)."""
+    _require_ready(state)
+    deadline = asyncio.get_running_loop().time() + _timeout(request, config)
+    top_k = _top_k(request.query_params.get("top_k"), config, source="query parameter top_k")
+    body = await _read_body(request, config)
+    return deadline, top_k, body, _body_kind(request)
 
 
 def _require_ready(state: _State):
