@@ -17,17 +17,24 @@ Methods:
   ORT on ready tensors       ORT alone on pre-made float32 (64, 3, 224, 224) batches (the last one 419 - 6*64
                              = 35 images) covering every image, one run per batch; and the same batches run
                              8 images at a time ("8 per run"), which ORT does faster on this CPU (its
-                             activations stay in cache). The faster of the two is the ceiling for any
-                             pipeline with this model, and the one the target uses
+                             activations stay in cache); and 4 images per run in a session with
+                             intra_op_num_threads=1, two such runs at once on a ThreadPoolExecutor(2)
+                             ("2 single-thread runs at once": no intra-op thread pool, no spin-waiting).
+                             The fastest of these is the ceiling for any pipeline with this model, and the
+                             one the target uses
   (diagnostic) speciesclf preprocess only
                              speciesclf.preprocess_batch(chunk of 64, clf.spec, threads=2) for every chunk,
                              no inference: with the ORT ceiling it tells how much predict_batch overlaps its
                              two stages
+  (diagnostic) decode only   speciesclf.decode(b) for every image on a ThreadPoolExecutor(2), full size (the
+                             scale native preprocessing decodes these photos at): the codec's floor under
+                             any preprocessing, which bounds what predict_batch can reach
 
 The Pillow recipe is torchvision's Resize(256) / CenterCrop(224) / ToTensor / Normalize written out:
 Image.open(BytesIO).convert("RGB"), resize the shorter side to 256 with Image.BILINEAR (the longer side to
 int(256 * long / short)), crop 224x224 at int(round((W - 224) / 2.0)), int(round((H - 224) / 2.0)), / 255,
-ImageNet mean/std in float32, HWC -> CHW. Every ORT session the script makes has intra_op_num_threads=2.
+ImageNet mean/std in float32, HWC -> CHW. Every ORT session the script makes has intra_op_num_threads=2 but
+the one named above.
 
 Each method runs once untimed over all the images first (warm-up; --quick: over the first 128), then the
 methods are timed in rounds, interleaved (each round starts one method later than the last, so no method
@@ -85,7 +92,9 @@ BATCHED_SEQ = "batched Pillow + ORT (sequential)"
 BATCHED_POOL = "batched Pillow + ORT (2-thread pool)"
 ORT_READY = "ORT on ready tensors"
 ORT_READY_SLICED = "ORT on ready tensors, 8 per run"
+ORT_READY_PARALLEL = "ORT on ready tensors, 2 single-thread runs at once"
 PREPROCESS_ONLY = "(diagnostic) speciesclf preprocess only"
+DECODE_ONLY = "(diagnostic) decode only"
 
 # -------------------------------------------------------------------------------------- the recipe
 
@@ -132,15 +141,16 @@ class Method:
     top1: Callable[[Any], np.ndarray] | None  # run's result -> top-1 class per image (None: no predictions)
 
 
-def make_session(ort, model: Path):
+def make_session(ort, model: Path, threads: int = THREADS):
     options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def build_methods(speciesclf, clf, ort, model: Path, datas: list[bytes]) -> list[Method]:
     session_1 = make_session(ort, model)  # the per-image loop's (batch 1)
     session_64 = make_session(ort, model)  # the batched methods'
+    session_single = make_session(ort, model, threads=1)  # run by THREADS threads at once
     buffer = np.zeros((BATCH, 3, SIZE, SIZE), np.float32)
     pool = ThreadPoolExecutor(THREADS, thread_name_prefix="bench-pillow")
     ready = [
@@ -190,6 +200,13 @@ def build_methods(speciesclf, clf, ort, model: Path, datas: list[bytes]) -> list
     def ort_ready_sliced(xs):
         return [session_64.run([OUTPUT], {INPUT: x[i : i + 8]})[0] for x in ready for i in range(0, len(x), 8)]
 
+    def ort_ready_parallel(xs):
+        slices = [x[i : i + 4] for x in ready for i in range(0, len(x), 4)]
+        return list(pool.map(lambda x: session_single.run([OUTPUT], {INPUT: x})[0], slices))
+
+    def decode_only(xs):
+        list(pool.map(speciesclf.decode, xs))
+
     def preprocess_only(xs):
         for start in range(0, len(xs), BATCH):
             speciesclf.preprocess_batch(xs[start : start + BATCH], clf.spec, threads=THREADS, on_error="skip")
@@ -201,7 +218,10 @@ def build_methods(speciesclf, clf, ort, model: Path, datas: list[bytes]) -> list
         Method(BATCHED_POOL, batched(True), lambda r: r),
         Method(ORT_READY, ort_ready, lambda outs: np.concatenate([o.argmax(axis=1) for o in outs])),
         Method(ORT_READY_SLICED, ort_ready_sliced, lambda outs: np.concatenate([o.argmax(axis=1) for o in outs])),
+        Method(ORT_READY_PARALLEL, ort_ready_parallel,
+               lambda outs: np.concatenate([o.argmax(axis=1) for o in outs])),
         Method(PREPROCESS_ONLY, preprocess_only, None),
+        Method(DECODE_ONLY, decode_only, None),
     ]
 
 
@@ -302,6 +322,17 @@ def analyse(results: dict) -> tuple[list[str], list[str], list[str], dict]:
             f"loop, {best / peer['img_per_s']:.2f}× the batched peer, {100 * best / ceiling['img_per_s']:.0f}% of ORT "
             f"on ready tensors: the most {THREADS} cores allow with this preprocessing cost",
         ]
+    dec = r.get(DECODE_ONLY)
+    if dec is not None:
+        cpu_s = dec["median_s"] * dec["median_cpu_cores"] + ceiling["median_s"] * ceiling["median_cpu_cores"]
+        bound = results["n"] * THREADS / cpu_s
+        raw.update(decode_floor_best_img_per_s=bound)
+        ratios.append(
+            f"- with preprocessing as cheap as decoding alone ({dec['median_s']:.3f} s on {THREADS} threads; no resize, "
+            f"no normalisation, no Python) and perfect overlap, the two stages' CPU time allows at most {bound:,.0f} "
+            f"img/s = {bound / loop['img_per_s']:.2f}× per-image loop, {100 * bound / ceiling['img_per_s']:.0f}% of ORT "
+            "on ready tensors: a bound for any pipeline that decodes these JPEGs on this CPU"
+        )
 
     def check(text: str, value: float, target: float, percent: bool = False) -> str:
         shown = f"{100 * value:.0f}%" if percent else f"{value:.2f}×"
@@ -342,7 +373,8 @@ def analyse(results: dict) -> tuple[list[str], list[str], list[str], dict]:
 
 def best_ort(r: dict) -> str:
     """The ceiling: ORT's faster way through the ready tensors (older result files have one way only)."""
-    return max((name for name in (ORT_READY, ORT_READY_SLICED) if name in r), key=lambda name: r[name]["img_per_s"])
+    return max((name for name in (ORT_READY, ORT_READY_SLICED, ORT_READY_PARALLEL) if name in r),
+               key=lambda name: r[name]["img_per_s"])
 
 
 def render(results: dict, ratios: list[str], checks: list[str], sanity: list[str]) -> str:
@@ -433,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     speciesclf = sys.modules["speciesclf"]  # the module the classifier came from, after any retry
     methods = build_methods(speciesclf, clf, ort, model, datas)
     if args.no_diagnostic:
-        methods = [m for m in methods if m.name != PREPROCESS_ONLY]
+        methods = [m for m in methods if m.name not in (PREPROCESS_ONLY, DECODE_ONLY)]
 
     budget = [float(args.max_wait)]
     load = ForeignLoad()
