@@ -25,7 +25,7 @@ def run(classifier_or_ref, config: ServeConfig | None = None, *, log_level: str 
     and each with its own queue and batches."""
     import uvicorn
 
-    from .logs import configure_logging
+    from .logs import configure_logging, uvicorn_log_config
 
     config = config if config is not None else ServeConfig()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -33,7 +33,8 @@ def run(classifier_or_ref, config: ServeConfig | None = None, *, log_level: str 
     # Every request gets one structured JSON line from speciesclf.serve.logs; uvicorn's access log would add a
     # second, unstructured one (and cost the event loop about a tenth of its time under load).
     common = dict(host=config.host, port=config.port, log_level=log_level, ws="none", lifespan="on",
-                  timeout_graceful_shutdown=config.drain_timeout_s + 5, access_log=False)
+                  timeout_graceful_shutdown=config.drain_timeout_s + 5, access_log=False,
+                  log_config=uvicorn_log_config(log_level))
     if workers == 1:
         configure_logging()
         uvicorn.run(create_app(classifier_or_ref, config), **common)

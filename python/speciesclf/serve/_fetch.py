@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
@@ -171,13 +172,20 @@ class UrlFetcher:
             status, location, body = await self._get(scheme, host, address, port, target, host_header, field)
             if location is None:
                 return body
-            url = urljoin(url, location)  # relative redirects resolve against the current URL
+            try:  # relative redirects resolve against the current URL
+                url = urljoin(url, location)
+            except ValueError as e:  # e.g. "http://[::1" from a hostile origin
+                raise ApiError(400, "url_not_allowed", f"{field}: the origin redirected to a malformed URL ({e})") from None
         raise _Failed(f"more than {self.config.url_max_redirects} redirects")
 
     def _check_url(self, url: str, field: str) -> tuple[str, str, int, str, str]:
         refused = lambda why: ApiError(400, "url_not_allowed", f"{field}: {why}")  # noqa: E731
         if any(c in url for c in "\r\n\t\0 "):
             raise refused("whitespace or control characters in the URL")
+        try:
+            url.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from JSON's \ud800: no URL can carry it
+            raise refused("the URL is not valid Unicode (lone surrogate)") from None
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -195,6 +203,10 @@ class UrlFetcher:
             host = host.encode("idna").decode("ascii").lower()
         except UnicodeError:
             raise refused(f"host {host!r} is not a valid domain name") from None
+        try:  # IP literals compare in canonical form, as the allowlist holds them
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            pass
         if not host_allowed(host, self.allow_hosts):
             raise refused(f"host {host!r} is not in url_allow_hosts")
         port = port or (443 if scheme == "https" else 80)
@@ -252,6 +264,8 @@ class UrlFetcher:
             raise _Failed(f"{host_header} sent nothing for {self.config.url_read_timeout_s:g} s") from None
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as e:
             raise _Failed(f"the connection to {host_header} failed ({type(e).__name__})") from None
+        except ValueError as e:  # whatever else a hostile origin's answer trips: its failure, not ours
+            raise _Failed(f"{host_header} sent a malformed answer ({e})") from None
         finally:
             writer.close()
 
@@ -265,7 +279,7 @@ class UrlFetcher:
             return await self._chunked(reader, cap, too_large)
         length = headers.get("content-length")
         if length is not None:
-            if not length.strip().isdigit():
+            if not _DIGITS.fullmatch(length):
                 raise _Failed(f"bad Content-Length {length[:40]!r}")
             if int(length) > cap:  # refused before reading a byte of it
                 raise too_large
@@ -284,10 +298,10 @@ class UrlFetcher:
         chunks, size = [], 0
         while True:
             line = await self._io(reader.readuntil(b"\r\n"))
-            try:
-                n = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _Failed("malformed chunked encoding") from None
+            size_field = line.split(b";", 1)[0].strip()
+            if not _HEX.fullmatch(size_field):  # int(..., 16) would also take a sign, "0x" and underscores
+                raise _Failed("malformed chunked encoding")
+            n = int(size_field, 16)
             if n == 0:
                 return b"".join(chunks)
             size += n
@@ -297,10 +311,16 @@ class UrlFetcher:
             await self._io(reader.readexactly(2))
 
 
+# ASCII only: str.isdigit() and int() also take other scripts' digits ("²", "٣"), and int(x, 16) a sign.
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_STATUS = re.compile(r"[0-9]{3}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
+
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not _STATUS.fullmatch(parts[1]):
         raise _Failed(f"not an HTTP response ({lines[0][:60]!r})")
     headers: dict[str, str] = {}
     for line in lines[1:]:

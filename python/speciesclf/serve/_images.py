@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import re
 import struct
+import warnings
 
 from .._formats import sniff_format
 
@@ -56,19 +58,28 @@ def decode_base64(value: object, field: str = "image") -> bytes:
     raise ApiError(400, "invalid_base64", f"{field}: invalid base64 (characters outside the base64 alphabet)")
 
 
+# Real files have a dozen segments before the frame header; a hostile one may hold millions of fill bytes or
+# empty markers, and this runs on the event loop: past this many segments the decoder decides (in C).
+_JPEG_MAX_SEGMENTS = 256
+_FILL = re.compile(rb"\xff+")
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     i = 2
     n = len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        fill = _FILL.match(data, i)
+        if fill is None:
+            return None  # not a marker where one must be
+        i = fill.end() - 1  # the last 0xFF of a run of fill bytes starts the marker
+        if i + 4 > n:
             return None
         marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):
+        if marker in (0x01, *range(0xD0, 0xD8)):  # no length field
             i += 2
             continue
+        if marker in (0xD9, 0xDA):  # end of image, or the scan: no frame header came first
+            return None
         (length,) = struct.unpack_from(">H", data, i + 2)
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if i + 9 > n:
@@ -77,6 +88,19 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             return width, height
         i += 2 + length
     return None
+
+
+def _size_from_pillow(data: bytes) -> tuple[int, int] | None:
+    """For formats without a parser above (TIFF): Pillow reads only the header until pixels are asked for."""
+    try:
+        from PIL import Image
+
+        with warnings.catch_warnings():  # "corrupt EXIF" and the like: the decoder's business, not the log's
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Exception:  # any header Pillow cannot read: the decoder reports it properly
+        return None
 
 
 def image_dimensions(data: bytes, fmt: str) -> tuple[int, int] | None:
@@ -106,6 +130,8 @@ def image_dimensions(data: bytes, fmt: str) -> tuple[int, int] | None:
                 w = int.from_bytes(data[24:27], "little") + 1
                 h = int.from_bytes(data[27:30], "little") + 1
                 return w, h
+        if fmt == "TIFF":
+            return _size_from_pillow(data)
     except struct.error:
         return None
     return None

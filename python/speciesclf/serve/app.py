@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ._fetch import UrlFetcher
 from ._images import ApiError, check_image, decode_base64, error_for_prediction
@@ -27,7 +28,7 @@ from .._version import __version__
 
 __all__ = ["create_app"]
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch: "$" would let a trailing "\n" in
 _ROUTES = ("/v1/predict", "/v1/predict/batch", "/v1/models", "/healthz", "/readyz", "/metrics")
 
 
@@ -97,11 +98,6 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         return _error_response(ApiError(422, "invalid_request", str(exc.errors())[:500]), state)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        log("internal error", level=40, error=f"{type(exc).__name__}: {exc}")
-        return _error_response(ApiError(500, "internal", "internal error"), state)
 
     @app.get("/healthz")
     async def healthz():
@@ -346,11 +342,14 @@ async def _read_body(request: Request, config: ServeConfig) -> bytes:
     if length is not None and length.strip().isdigit() and int(length) > config.max_body_bytes:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > config.max_body_bytes:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody reads the answer; 499 keeps it out of the server-error counts
+        raise ApiError(499, "client_closed", "the client closed the connection before sending the whole body") from None
     body = b"".join(chunks)
     request._body = body  # starlette re-reads a consumed body from here (request.form())
     return body
@@ -372,6 +371,8 @@ def _json(body: bytes) -> dict:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(422, "invalid_request", f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(422, "invalid_request", "invalid JSON: nested too deeply") from None
     if not isinstance(payload, dict):
         raise ApiError(422, "invalid_request", "the JSON body must be an object")
     return payload
@@ -436,22 +437,32 @@ class _RequestMiddleware:
         start = time.perf_counter()
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         path = scope.get("path", "")
         route = path if path in _ROUTES else "other"
         info = scope.setdefault("speciesclf", {})
         info["request_id"] = request_id
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                status["started"] = True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception as e:
+            # Answered here rather than by Starlette's outermost error layer, so that a 500 too carries the
+            # request id, is counted and logged as one JSON line, and leaves no traceback on stderr.
+            log("internal error", level=40, request_id=request_id, route=route, error=f"{type(e).__name__}: {e}")
+            if status["started"]:
+                return  # the answer is under way: nothing more can be sent on it
+            error = ApiError(500, "internal", "internal error")
+            self.state.metrics.error(error.code)
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send_wrapper)
         finally:
             seconds = time.perf_counter() - start
             self.state.metrics.request(route, status["code"], seconds)

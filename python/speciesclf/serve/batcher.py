@@ -89,6 +89,8 @@ class Batcher:
         if self._stopping or self._task is None:
             raise ShuttingDown("the service is shutting down")
         n = len(images)
+        if timeout_s <= 0:  # the deadline went on reading the request: never queue work that is already late
+            raise DeadlineExceeded("queued")
         if self._queued_images + n > self.config.max_queue:
             backlog = self._queued_images + self.metrics.in_flight
             raise QueueFull(max(1, int(backlog / max(self._throughput, 1.0) + 0.999)))
@@ -98,11 +100,18 @@ class Batcher:
         self._set_queued(self._queued_images + n)
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(timeout_s, 0.0))
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=timeout_s)
         except asyncio.TimeoutError:
-            queued = job.state == "queued"
+            if job.future.done():  # the worker settled it first (e.g. found it expired in the queue)
+                if job.future.cancelled():
+                    raise DeadlineExceeded("queued") from None
+                error = job.future.exception()  # also marks it retrieved: no "never retrieved" log line
+                if error is None:
+                    return job.future.result()
+                raise error from None
+            never_ran = job.dispatched == 0  # read before _drop changes the job
             self._drop(job)  # slices not yet dispatched are not run
-            raise DeadlineExceeded("queued" if queued else "inference") from None
+            raise DeadlineExceeded("queued" if never_ran else "inference") from None
         except asyncio.CancelledError:  # the client went away: do not run its images
             self._drop(job)
             raise
@@ -194,9 +203,10 @@ class Batcher:
                 self._executor, lambda: self.classifier.predict_batch(images, top_k=top_k))
         except Exception as e:  # a runtime failure: every request of this batch gets it
             for job, _, _ in live:
-                self._drop(job)
-                if not job.future.done():
+                # A job dropped meanwhile (its request timed out or went away) has nobody to tell.
+                if job.state != "dropped" and not job.future.done():
                     job.future.set_exception(e)
+                self._drop(job)
             return
         finally:
             self.metrics.in_flight -= len(images)

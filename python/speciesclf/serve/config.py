@@ -9,6 +9,8 @@ from ..spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["ServeConfig"]
 
+_DAY_MS = 86_400_000
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
@@ -68,6 +70,8 @@ class ServeConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"ServeConfig.{name} must be a number >= 0, got {value!r}")
             object.__setattr__(self, name, float(value))
+        if self.max_timeout_ms > _DAY_MS:  # also keeps ms / 1000 a finite float
+            raise ValueError(f"ServeConfig.max_timeout_ms must be at most {_DAY_MS} (one day), got {self.max_timeout_ms}")
         if self.default_timeout_ms > self.max_timeout_ms:
             raise ValueError(f"ServeConfig.default_timeout_ms ({self.default_timeout_ms}) must be <= "
                              f"max_timeout_ms ({self.max_timeout_ms})")
@@ -93,15 +97,7 @@ class ServeConfig:
             if isinstance(value, str) or not isinstance(value, (list, tuple)) \
                     or not all(isinstance(v, str) and v.strip() for v in value):
                 raise ValueError(f"ServeConfig.{name} must be a list of non-empty strings, got {value!r}")
-        hosts = []
-        for host in self.url_allow_hosts:
-            host = host.strip().lower()
-            if host.startswith("[") and host.endswith("]"):
-                host = host[1:-1]
-            bare = host[2:] if host.startswith("*.") else host
-            if host != "*" and (not bare or "*" in bare or any(c in bare for c in "/@?# ")):
-                raise ValueError(f"ServeConfig.url_allow_hosts: {host!r} is not a host name, IP, '*.domain' or '*'")
-            hosts.append(host)
+        hosts = [_host_pattern(host) for host in self.url_allow_hosts]
         object.__setattr__(self, "url_allow_hosts", tuple(hosts))
         networks = []
         for net in self.url_allow_networks:
@@ -116,3 +112,28 @@ class ServeConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _host_pattern(given: str) -> str:
+    """An allowlist entry in the form URL hosts are matched in (see serve/_fetch.py): lower case, no trailing
+    dot, IP literals canonical and without brackets, names in their IDNA (xn--) form. An entry that could
+    never match a URL's host (a port, a path) is refused rather than silently never allowing anything."""
+    host = given.strip().lower()
+    if host == "*":
+        return host
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    wildcard = host.startswith("*.")
+    bare = (host[2:] if wildcard else host).rstrip(".")
+    refused = ValueError(f"ServeConfig.url_allow_hosts: {given!r} is not a host name, IP, '*.domain' or '*'")
+    if not bare or any(c in bare for c in "*/@?#:[] \\"):
+        raise refused
+    try:
+        bare = bare.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise refused from None
+    return f"*.{bare}" if wildcard else bare

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 
-__all__ = ["JsonFormatter", "configure_logging", "logger"]
+__all__ = ["JsonFormatter", "configure_logging", "logger", "uvicorn_log_config"]
 
 logger = logging.getLogger("speciesclf.serve")
 
@@ -30,13 +30,30 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: int = logging.INFO, stream=None) -> logging.Handler:
-    """Send ``speciesclf.serve`` logs as JSON lines to ``stream`` (default stderr)."""
+    """Send ``speciesclf.serve`` logs, and Python warnings (e.g. Pillow's about a corrupt file), as JSON lines
+    to ``stream`` (default stderr). For a process that is the service: it routes warnings process-wide."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.addHandler(handler)
+    warnings_logger.propagate = False
     return handler
+
+
+def uvicorn_log_config(level: str = "info") -> dict:
+    """uvicorn's own lines (start-up, shutdown, its errors) as JSON lines too, for ``uvicorn.run(log_config=)``."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+    }
 
 
 def log(message: str, level: int = logging.INFO, **fields) -> None:
