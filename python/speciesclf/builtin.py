@@ -50,13 +50,17 @@ def builtin_bundle(ref: str):
     """The bundle of a built-in model (``species100``, ``species100@1.0.0``, ``imagenet1k``...)."""
     from .bundle import Bundle, UnknownRule, create_bundle
     from .models.weights import weights_path
-    from .registry import RegistryError
+    from .registry import DEFAULT_ALIAS, RegistryError, split_ref
 
-    name, _, version = ref.partition("@")
+    # The registry's own parser: "species100@" is refused here as it is there, and a bare name means
+    # name@production, the one alias a built-in has.
+    name, version = split_ref(ref)
     if name not in BUILTIN_MODELS:
         raise RegistryError(f"{name!r} is not a built-in model ({', '.join(BUILTIN_MODELS)})")
-    if version not in ("", VERSION, "production", "latest"):
-        raise RegistryError(f"built-in {name} has version {VERSION} only, not {version!r}")
+    if version not in (VERSION, DEFAULT_ALIAS):
+        raise RegistryError(
+            f"built-in {name} has version {VERSION} and the alias {DEFAULT_ALIAS!r} only, not {version!r}"
+        )
     target = _home() / "builtin" / f"{name}-{VERSION}"
     if target.is_dir():
         try:

@@ -13,9 +13,11 @@ expected, so a bad bundle is rejected when it is made, not when a request reache
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import math
 import operator
@@ -60,16 +62,20 @@ _SUFFIX_FRAMEWORK = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "torch-expor
 # Zip extraction limits: a bundle is a handful of files, the largest a model of at most a few GiB.
 MAX_ZIP_UNCOMPRESSED = 2 * 2**30
 MAX_ZIP_ENTRIES = 10_000
+# Model outputs (and so label and subset indices): far above any classifier's class count, low enough
+# that checks over 0..num_outputs-1 stay cheap and a typo (or a hostile manifest) cannot ask for 10**12.
+MAX_NUM_OUTPUTS = 2**24
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-# The regular expression suggested by semver.org (2.0.0), anchored.
+# Patterns are applied with fullmatch: `$` would also match before a trailing "\n".
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# The regular expression suggested by semver.org (2.0.0), anchored by fullmatch.
 _SEMVER_RE = re.compile(
-    r"^(?P<major>0|[1-9]\d*)\.(?P<minor>0|[1-9]\d*)\.(?P<patch>0|[1-9]\d*)"
+    r"(?P<major>0|[1-9]\d*)\.(?P<minor>0|[1-9]\d*)\.(?P<patch>0|[1-9]\d*)"
     r"(?:-(?P<prerelease>(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+(?P<build>[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$",
+    r"(?:\+(?P<build>[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?",
     re.ASCII,
 )
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 
 
@@ -81,12 +87,12 @@ class BundleError(ValueError):
 
 
 def is_semver(version: object) -> bool:
-    return isinstance(version, str) and _SEMVER_RE.match(version) is not None
+    return isinstance(version, str) and _SEMVER_RE.fullmatch(version) is not None
 
 
 def semver_key(version: str) -> tuple:
     """Sort key giving semver 2.0 precedence (prerelease < release; build metadata breaks ties only)."""
-    m = _SEMVER_RE.match(version)
+    m = _SEMVER_RE.fullmatch(version)
     if m is None:
         raise ValueError(f"not a semantic version: {version!r}")
     core = (int(m["major"]), int(m["minor"]), int(m["patch"]))
@@ -102,11 +108,15 @@ def semver_key(version: str) -> tuple:
 
 
 def is_valid_name(name: object) -> bool:
-    return isinstance(name, str) and _NAME_RE.match(name) is not None
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
 def _describe(value: object) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str() (over 4300 digits): say how long instead
+        digits = int(value.bit_length() * 0.30103) if isinstance(value, int) else 0
+        text = f"<an integer of about {digits} digits>" if digits else "?"
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} ({type(value).__name__})"
@@ -180,8 +190,8 @@ class Label:
 
     def __post_init__(self) -> None:
         index = _as_index(self.index)
-        if index is None or index < 0:
-            raise BundleError(f"labels: index must be an int >= 0, got {_describe(self.index)}")
+        if index is None or not 0 <= index < MAX_NUM_OUTPUTS:
+            raise BundleError(f"labels: index must be an int in 0..{MAX_NUM_OUTPUTS - 1}, got {_describe(self.index)}")
         object.__setattr__(self, "index", index)
         for field, value, optional in (("name", self.name, False), ("scientific_name", self.scientific_name, True)):
             if value is None and optional:
@@ -208,8 +218,10 @@ def read_labels(path: str | Path) -> list[Label]:
         raise BundleError(f"{path.name}: labels file not found ({path})") from None
     except UnicodeDecodeError as e:
         raise BundleError(f"{path.name}: not valid UTF-8 ({e})") from None
-    lines = text.splitlines()
-    if not lines or tuple(lines[0].rstrip("\r").split("\t")) not in (LABELS_HEADER, LABELS_HEADER[:2]):
+    # Rows end at "\n" only (a "\r" before it is dropped): str.splitlines() would also split names at
+    # \v, \f, \x1c-\x1e, \x85, \u2028 and \u2029, which Label allows and write_labels writes as they are.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if not lines or tuple(lines[0].split("\t")) not in (LABELS_HEADER, LABELS_HEADER[:2]):
         first = lines[0] if lines else ""
         raise BundleError(
             f"{path.name} line 1: expected the header 'index\\tname\\tscientific_name', got {first!r}"
@@ -222,8 +234,11 @@ def read_labels(path: str | Path) -> list[Label]:
         if len(cols) not in (2, 3):
             raise BundleError(f"{path.name} line {lineno}: expected 2 or 3 tab-separated columns, got {len(cols)}")
         index_text = cols[0].strip()
-        if not index_text.isdecimal() or not index_text.isascii():
-            raise BundleError(f"{path.name} line {lineno}: index must be an integer >= 0, got {cols[0]!r}")
+        # The length check keeps int() away from thousands of digits (a ValueError beyond 4300 of them).
+        if not index_text.isdecimal() or not index_text.isascii() or len(index_text) > 12:
+            raise BundleError(
+                f"{path.name} line {lineno}: index must be an integer in 0..{MAX_NUM_OUTPUTS - 1}, got {cols[0][:40]!r}"
+            )
         try:
             labels.append(Label(int(index_text), cols[1].strip(), (cols[2].strip() or None) if len(cols) == 3 else None))
         except BundleError as e:
@@ -306,7 +321,7 @@ class Manifest:
         if self.framework not in FRAMEWORKS:
             raise _fail("framework", f"one of {list(FRAMEWORKS)}", self.framework)
         put("model_file", _check_relpath("model_file", self.model_file))
-        if not isinstance(self.model_sha256, str) or not _SHA256_RE.match(self.model_sha256):
+        if not isinstance(self.model_sha256, str) or not _SHA256_RE.fullmatch(self.model_sha256):
             raise _fail("model_sha256", "64 lowercase hex digits", self.model_sha256)
         put("labels_file", _check_relpath("labels_file", self.labels_file))
         if self.labels_file == self.model_file:
@@ -317,8 +332,8 @@ class Manifest:
             raise _fail("output_kind", f"one of {list(OUTPUT_KINDS)}", self.output_kind)
         if self.num_outputs is not None:
             count = _as_index(self.num_outputs)
-            if count is None or count <= 0:
-                raise _fail("num_outputs", "a positive integer or null", self.num_outputs)
+            if count is None or not 0 < count <= MAX_NUM_OUTPUTS:
+                raise _fail("num_outputs", f"an integer in 1..{MAX_NUM_OUTPUTS} or null", self.num_outputs)
             put("num_outputs", count)
         if self.label_subset is not None:
             subset = self.label_subset
@@ -329,13 +344,14 @@ class Manifest:
                 raise _fail("label_subset", "a non-empty list of output indices or null", subset)
             for pos, raw in enumerate(subset):
                 i = _as_index(raw)
-                if i is None or i < 0:
-                    raise _fail("label_subset", "output indices (integers >= 0)", raw)
+                if i is None or not 0 <= i < MAX_NUM_OUTPUTS:
+                    raise _fail("label_subset", f"output indices (integers in 0..{MAX_NUM_OUTPUTS - 1})", raw)
                 subset[pos] = i
                 if self.num_outputs is not None and i >= self.num_outputs:
                     raise _fail("label_subset", f"indices < manifest.num_outputs ({self.num_outputs})", i)
             if len(set(subset)) != len(subset):
-                dupes = sorted({i for i in subset if subset.count(i) > 1})
+                counts = collections.Counter(subset)
+                dupes = sorted(i for i, n in counts.items() if n > 1)
                 raise _fail("label_subset", "unique indices", f"duplicates {dupes}")
             put("label_subset", tuple(subset))
         if self.unknown is not None:
@@ -483,8 +499,10 @@ def check_labels(manifest: Manifest, labels: Sequence[Label]) -> None:
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
             raise BundleError(f"manifest.label_subset: output indices without a label row: {shown}")
-    elif manifest.num_outputs is not None and seen != set(range(manifest.num_outputs)):
-        missing = sorted(set(range(manifest.num_outputs)) - seen)
+    # Every index is unique and < num_outputs (above), so as many labels as outputs means all are covered:
+    # no set(range(num_outputs)), whose size the manifest would choose.
+    elif manifest.num_outputs is not None and len(seen) != manifest.num_outputs:
+        missing = list(itertools.islice((i for i in range(manifest.num_outputs) if i not in seen), 11))
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
         raise BundleError(
             f"labels: without manifest.label_subset the labels must cover 0..{manifest.num_outputs - 1} "
@@ -538,10 +556,13 @@ def _extract_zip(archive: Path, dest: Path) -> Path:
         total = 0
         for info, parts in plan:
             target = dest.joinpath(*parts)
+            try:
+                # Fails where an earlier entry made a file of a folder on this path ("a", then "a/b").
+                (target if info.is_dir() else target.parent).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise BundleError(f"zip: cannot extract {info.filename!r}: {e}") from None
             if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             written = 0
             try:
                 with zf.open(info) as src, open(target, "xb") as out:
@@ -620,6 +641,10 @@ class Bundle:
             data = json.loads(manifest_path.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BundleError(f"{MANIFEST_FILE}: not valid UTF-8 JSON: {e}") from None
+        except ValueError as e:  # an integer of more than 4300 digits (int()'s limit on str conversion)
+            raise BundleError(f"{MANIFEST_FILE}: unusable JSON: {e}") from None
+        except RecursionError:
+            raise BundleError(f"{MANIFEST_FILE}: unusable JSON: nested too deeply") from None
         manifest = Manifest.from_dict(data)
         real_root = root.resolve()
         for field in ("model_file", "labels_file"):
@@ -637,7 +662,27 @@ class Bundle:
         """Check that the model file is there and its sha256 matches the manifest."""
         if not self.model_path.is_file():
             raise BundleError(f"manifest.model_file: {self.manifest.model_file!r} not found in {self.path}")
-        actual = _sha256_file(self.model_path)
+        self._check_sha256(_sha256_file(self.model_path))
+
+    def read_model(self) -> bytes:
+        """The model file's bytes, read once and checked against ``manifest.model_sha256``.
+
+        Runtimes load these bytes rather than reopening ``model_path``: a file replaced between the
+        check and the load would otherwise run unverified.
+        """
+        try:
+            with open(self.model_path, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise BundleError(f"manifest.model_file: {self.manifest.model_file!r} is not a regular file")
+                data = f.read()
+        except FileNotFoundError:
+            raise BundleError(f"manifest.model_file: {self.manifest.model_file!r} not found in {self.path}") from None
+        except OSError as e:
+            raise BundleError(f"manifest.model_file: cannot read {self.model_path}: {e}") from None
+        self._check_sha256(hashlib.sha256(data).hexdigest())
+        return data
+
+    def _check_sha256(self, actual: str) -> None:
         if actual != self.manifest.model_sha256:
             raise BundleError(
                 f"model_sha256 mismatch: manifest says {self.manifest.model_sha256}, file has {actual} "
@@ -736,7 +781,7 @@ def create_bundle(
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"{out} already exists")
     is_zip = out.suffix.lower() == ".zip"
-    model_name = "model" + suffix if suffix and re.match(r"^\.[a-z0-9]+$", suffix) else "model.bin"
+    model_name = "model" + suffix if suffix and re.fullmatch(r"\.[a-z0-9]+", suffix) else "model.bin"
 
     def manifest_for(sha: str) -> Manifest:
         return Manifest.from_dict(

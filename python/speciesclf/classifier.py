@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
+from .bundle import BundleError
 from .errors import ImageError
 from .postprocess import PostProcessor
 from .preprocess import preprocess_batch
@@ -100,6 +101,58 @@ def _thumbnail_html(source: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class _OutputCheck:
+    """What the model's output width must be for the reported names to line up with its columns.
+
+    Checked against the runtime's static output shape at load where it has one, and against every batch
+    of outputs (a shape comparison) where it does not, so a wrong bundle never answers with wrong names.
+    """
+
+    ref: str
+    num_outputs: int | None  # manifest.num_outputs, None when the manifest does not say
+    label_indices: tuple[int, ...]  # unique (Bundle.open and Label ensure it)
+    max_subset: int | None  # the highest manifest.label_subset index; None without a subset
+
+    def check_labels(self) -> None:
+        """Without a subset, column i is reported as label i: the labels must be 0..K-1, without gaps."""
+        if self.max_subset is None and max(self.label_indices) != len(self.label_indices) - 1:
+            present = set(self.label_indices)
+            missing = [i for i in range(max(self.label_indices)) if i not in present][:10]
+            raise BundleError(
+                f"labels: without manifest.label_subset the labels of {self.ref} must cover 0..K-1 (one per model "
+                f"output); missing: {', '.join(map(str, missing))}. Label every output or set manifest.label_subset"
+            )
+
+    def check_width(self, width: int) -> None:
+        if self.num_outputs is not None and width != self.num_outputs:
+            raise BundleError(
+                f"manifest.num_outputs: {self.ref} says {self.num_outputs}, but its model has {width} outputs"
+            )
+        if self.max_subset is not None and self.max_subset >= width:
+            raise BundleError(
+                f"manifest.label_subset: index {self.max_subset} is out of range: the model of {self.ref} has "
+                f"{width} outputs (0..{width - 1})"
+            )
+        if self.max_subset is None and len(self.label_indices) != width:
+            raise BundleError(
+                f"labels: without manifest.label_subset every model output needs a label: the model of {self.ref} "
+                f"has {width} outputs, the labels cover 0..{len(self.label_indices) - 1}. Label every output or "
+                f"set manifest.label_subset"
+            )
+        top = max(self.label_indices)
+        if top >= width:
+            raise BundleError(
+                f"labels: index {top} is out of range: the model of {self.ref} has {width} outputs (0..{width - 1})"
+            )
+
+    def check_outputs(self, outputs: Any) -> None:
+        shape = np.shape(outputs)
+        if len(shape) != 2:
+            raise BundleError(f"the model of {self.ref} returned outputs of shape {shape}; expected (batch, classes)")
+        self.check_width(int(shape[1]))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Engine:
     """Everything one model version needs to answer; swapped as a whole by reload()."""
 
@@ -110,6 +163,7 @@ class _Engine:
     scientific: tuple[str | None, ...]
     output_indices: np.ndarray  # model output index of each reported class
     post: PostProcessor
+    outputs: _OutputCheck
     gpu: Any = None  # a speciesclf.gpu.GpuPreprocessor when preprocessing runs on the runtime's GPU
 
 
@@ -155,6 +209,8 @@ class Classifier:
         preprocessing of the next batch overlaps inference of the current one. ``precision`` ("fp32",
         "fp16" or "bf16") sets the torch runtime's dtype and the GPU preprocessing output to match.
         """
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
         runtime_options = dict(runtime_options or {})
         if precision is not None:
             if precision not in _PRECISIONS:
@@ -316,7 +372,11 @@ class Classifier:
         start = time.perf_counter()
         # All good: the batch goes to the runtime as it is (no copy); otherwise only the good rows.
         inputs = batch.array if len(good) == len(items) else batch.array[good]
-        scores = engine.post(engine.runtime.run(inputs)) if len(good) else None
+        scores = None
+        if len(good):
+            outputs = engine.runtime.run(inputs)
+            engine.outputs.check_outputs(outputs)  # a model whose width the runtime could not tell at load
+            scores = engine.post(outputs)
         inference_ms = (time.perf_counter() - start) * 1000 / max(len(good), 1)
         preprocess_ms = prepared["seconds"] * 1000 / max(len(items), 1)
         k = min(top_k, len(engine.names))
@@ -417,7 +477,8 @@ def _build_runtime_engine(source: Any, *, device: str, backend: str, labels: Any
         path = Path(os.fspath(source))
         if path.exists():
             if path.is_dir() or path.suffix.lower() == ".zip":
-                return _engine_from_bundle(Bundle.open(path), **runtime)
+                # Not verified here: _engine_from_bundle checks the sha256 of the very bytes it loads.
+                return _engine_from_bundle(Bundle.open(path, verify=False), **runtime)
             if labels is None:
                 raise ValueError(f"{path.name}: a raw model file needs labels= (a list, a file or 'imagenet1k')")
             return _engine_from_file(path, labels=labels, preprocess=preprocess or PreprocessSpec(), **runtime)
@@ -434,7 +495,7 @@ def _resolve_reference(ref: str, registry: Any):
     registry = registry if registry is not None else Registry()
     name = ref.split("@", 1)[0]
     if name in registry.names():
-        return registry.open(ref)
+        return registry.open(ref, verify=False)  # the engine verifies the bytes it loads
     if name in builtin.BUILTIN_MODELS:
         return builtin.builtin_bundle(ref)
     raise RegistryError(f"no model {ref!r}: not in the registry ({registry.root}) and not built in "
@@ -444,9 +505,15 @@ def _resolve_reference(ref: str, registry: Any):
 def _engine_from_bundle(bundle: Any, *, device: str, backend: str, threads: int | None,
                         options: dict[str, Any]) -> _Engine:
     m = bundle.manifest
-    runtime = load_runtime(bundle.model_path, m.framework, backend=backend, device=device, threads=threads,
-                           options=options)
     by_index = {label.index: label for label in bundle.labels}
+    check = _OutputCheck(ref=f"{m.name}@{m.version}", num_outputs=m.num_outputs, label_indices=tuple(by_index),
+                         max_subset=None if m.label_subset is None else max(m.label_subset))
+    check.check_labels()
+    # The bytes are hashed and loaded from one read: checking the path and letting the runtime reopen it
+    # would load whatever replaced the file in between. (Plugin runtimes still get the path.)
+    runtime = load_runtime(bundle.model_path, m.framework, backend=backend, device=device, threads=threads,
+                           options=options, data=bundle.read_model())
+    _check_static_width(runtime, check)
     indices = list(m.label_subset) if m.label_subset is not None else sorted(by_index)
     chosen = [by_index[i] for i in indices]
     post = PostProcessor(
@@ -459,7 +526,14 @@ def _engine_from_bundle(bundle: Any, *, device: str, backend: str, threads: int 
     return _Engine(ref=f"{m.name}@{m.version}", runtime=runtime, spec=m.preprocess,
                    names=tuple(label.name for label in chosen),
                    scientific=tuple(label.scientific_name for label in chosen),
-                   output_indices=np.asarray(indices, dtype=np.intp), post=post)
+                   output_indices=np.asarray(indices, dtype=np.intp), post=post, outputs=check)
+
+
+def _check_static_width(runtime: Any, check: _OutputCheck) -> None:
+    """Check the output width now when the runtime knows it without a run (ONNX models with a fixed shape)."""
+    width = getattr(runtime, "output_width", None)
+    if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+        check.check_width(width)
 
 
 def _engine_from_file(path: Path, *, labels: Any, preprocess: PreprocessSpec, device: str, backend: str,
@@ -476,13 +550,22 @@ def _engine_from_file(path: Path, *, labels: Any, preprocess: PreprocessSpec, de
         label_list = [Label(i, str(name)) for i, name in enumerate(labels)]
     else:
         raise TypeError("labels= must be a list of names, a labels file or 'imagenet1k'")
+    if not label_list:
+        raise ValueError("labels: at least one label is needed")
+    by_index = {label.index: label for label in label_list}
+    if len(by_index) != len(label_list):
+        raise ValueError("labels: duplicate indices")
+    label_list = [by_index[i] for i in sorted(by_index)]  # column order, as for bundles
+    check = _OutputCheck(ref=f"{path.stem}@0.0.0", num_outputs=None, label_indices=tuple(by_index), max_subset=None)
+    check.check_labels()
     runtime = load_runtime(path, framework_for_file(path), backend=backend, device=device, threads=threads,
                            options=options)
+    _check_static_width(runtime, check)
     return _Engine(ref=f"{path.stem}@0.0.0", runtime=runtime, spec=preprocess,
                    names=tuple(label.name for label in label_list),
                    scientific=tuple(label.scientific_name for label in label_list),
                    output_indices=np.asarray([label.index for label in label_list], dtype=np.intp),
-                   post=PostProcessor(output_kind="logits"))
+                   post=PostProcessor(output_kind="logits"), outputs=check)
 
 
 def _labels_from_file(path: Path, read_labels: Callable) -> list:
@@ -492,4 +575,5 @@ def _labels_from_file(path: Path, read_labels: Callable) -> list:
     text = path.read_text(encoding="utf-8")
     if text.startswith("index\t"):
         return read_labels(path)
-    return [Label(i, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
+    # "\n" only: str.splitlines() also splits at \x85, \u2028... inside a name, shifting every later index.
+    return [Label(i, line.strip()) for i, line in enumerate(text.split("\n")) if line.strip()]

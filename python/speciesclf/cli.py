@@ -22,6 +22,34 @@ def _image_paths(paths: list[str]) -> list[Path]:
     return found
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts (--top-k, --threads, --batch-size): checked before anything is loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _one_line_errors(run):
+    """Wrap a handler so that errors print one line ``speciesclf: error: ...`` and exit 1, never a traceback.
+
+    ValueError covers BundleError and RegistryError, RuntimeError the runtimes' ModelLoadError and the
+    CUDA errors, OSError unreadable or unwritable files.
+    """
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ValueError, RuntimeError, OSError) as e:
+            print(f"speciesclf: error: {e}", file=sys.stderr)
+            return 1
+
+    return wrapped
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import format_info, info
 
@@ -61,12 +89,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     if not paths:
         print("speciesclf: error: no images found", file=sys.stderr)
         return 1
-    try:
-        clf = Classifier.load(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
-                              precision=args.precision)
-    except (RuntimeError, ValueError, OSError) as e:  # no such model, no GPU, a runtime without CUDA, ...
-        print(f"speciesclf: error: {e}", file=sys.stderr)
-        return 1
+    # Errors (no such model, no GPU, a model that is not valid ONNX, ...) reach _one_line_errors.
+    clf = Classifier.load(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
+                          precision=args.precision)
     progress = sys.stderr.isatty() and not args.quiet
     failed = 0
     writer = csv.writer(sys.stdout) if args.format == "csv" else None
@@ -98,15 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--model", default="species100",
                    help="bundle path, registry reference (name@version|alias) or built-in model (default: species100)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (GPU decoding and inference)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                    help="inference dtype of torch models (fp16/bf16 on GPUs)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
-    p.set_defaults(run=_cmd_classify)
+    p.set_defaults(run=_one_line_errors(_cmd_classify))
 
     p = sub.add_parser("info", help="version, native module, codecs, threads, CUDA")
     p.add_argument("--json", action="store_true")
@@ -119,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default="float32")
     p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
     p.add_argument("--backend", choices=["auto", "native", "python"], default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--output", help="save the batch as a .npy file")
-    p.set_defaults(run=_cmd_preprocess)
+    p.set_defaults(run=_one_line_errors(_cmd_preprocess))
 
     _add_bundle_registry_commands(sub)
     _add_serve_command(sub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import Union
 
 import numpy as np
@@ -16,14 +17,30 @@ __all__ = ["ImageInput", "as_source"]
 
 
 def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; ImageReadError / ImageTooLargeError otherwise."""
+    name = repr(os.fspath(path))
     try:
-        size = os.stat(path).st_size
-        if size > max_bytes:
-            raise ImageTooLargeError(f"{os.fspath(path)!r}: {size} bytes exceeds max_bytes={max_bytes}")
-        with open(path, "rb") as f:
-            return f.read(max_bytes + 1)
+        # Devices, FIFOs and sockets are refused before they are opened: st_size says nothing about them
+        # (/dev/zero never ends, a FIFO blocks until a writer comes).
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageReadError(f"cannot read {name}: not a regular file")
+        # O_NONBLOCK: should the path be swapped for a FIFO after the check, opening it cannot hang either.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageReadError(f"cannot read {name}: not a regular file")
+            if st.st_size > max_bytes:
+                raise ImageTooLargeError(f"{name}: {st.st_size} bytes exceeds max_bytes={max_bytes}")
+            data = f.read(max_bytes + 1)
     except OSError as e:
-        raise ImageReadError(f"cannot read {os.fspath(path)!r}: {e.strerror or e}") from None
+        if isinstance(e, ImageReadError):
+            raise
+        raise ImageReadError(f"cannot read {name}: {e.strerror or e}") from None
+    # The file may have grown since fstat: what was read is what counts.
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"{name}: more than max_bytes={max_bytes} bytes")
+    return data
 
 
 def as_source(item: object, max_bytes: int) -> bytes | memoryview | np.ndarray:

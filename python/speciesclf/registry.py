@@ -26,11 +26,11 @@ from pathlib import Path
 
 from .bundle import Bundle, BundleError, _fsync_dir, is_semver, is_valid_name, semver_key
 
-__all__ = ["RegistryError", "Registry", "default_home"]
+__all__ = ["RegistryError", "Registry", "default_home", "split_ref"]
 
 DEFAULT_ALIAS = "production"
 STALE_TMP_SECONDS = 3600
-_ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+_ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]*")  # applied with fullmatch: `$` also matches before a "\n"
 _INUSE = ".inuse"  # flock'ed by the process that owns a staging directory under .tmp
 
 
@@ -62,9 +62,25 @@ def _check_version(version: object) -> str:
 
 
 def _check_alias(alias: object) -> str:
-    if not isinstance(alias, str) or not _ALIAS_RE.match(alias) or is_semver(alias):
+    if not isinstance(alias, str) or not _ALIAS_RE.fullmatch(alias) or is_semver(alias):
         raise RegistryError(f"invalid alias {alias!r}: expected ^[a-z][a-z0-9_-]*$ (and not a version)")
     return alias
+
+
+def split_ref(ref: object) -> tuple[str, str]:
+    """``name[@version|@alias]`` -> (name, tag); a bare name means ``name@production``.
+
+    The tag is not checked here beyond being non-empty: a version or an alias is told apart by the caller.
+    """
+    if not isinstance(ref, str) or not ref:
+        raise RegistryError(f"invalid reference {ref!r}: expected name, name@version or name@alias")
+    name, sep, tag = ref.partition("@")
+    _check_name(name)
+    if not sep:
+        tag = DEFAULT_ALIAS
+    elif not tag:
+        raise RegistryError(f"invalid reference {ref!r}: nothing after '@'")
+    return name, tag
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -148,22 +164,14 @@ class Registry:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise RegistryError(f"{path}: corrupt aliases file: {e}") from None
         if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
             raise RegistryError(f"{path}: corrupt aliases file: expected an object of alias -> version")
         return dict(sorted(data.items()))
 
     def _split_ref(self, ref: str) -> tuple[str, str]:
-        if not isinstance(ref, str) or not ref:
-            raise RegistryError(f"invalid reference {ref!r}: expected name, name@version or name@alias")
-        name, sep, tag = ref.partition("@")
-        _check_name(name)
-        if not sep:
-            tag = DEFAULT_ALIAS
-        elif not tag:
-            raise RegistryError(f"invalid reference {ref!r}: nothing after '@'")
-        return name, tag
+        return split_ref(ref)
 
     def resolve(self, ref: str) -> Path:
         """``name@1.2.0``, ``name@alias`` or ``name`` (meaning ``name@production``) -> the bundle directory."""
@@ -176,7 +184,7 @@ class Registry:
         if is_semver(tag):
             version = tag
         else:
-            if not _ALIAS_RE.match(tag):
+            if not _ALIAS_RE.fullmatch(tag):
                 raise RegistryError(
                     f"invalid reference {ref!r}: expected name@MAJOR.MINOR.PATCH[-prerelease][+build] or name@alias"
                 )
@@ -189,6 +197,9 @@ class Registry:
                     f"use {name}@<version>{hint}"
                 )
             version = aliases[tag]
+            if not is_semver(version):  # a hand-edited "../../x" must not lead out of versions/
+                path = self.root / name / "aliases.json"
+                raise RegistryError(f"{path}: corrupt aliases file: {tag!r} -> {version!r} is not a version")
         path = self.root / name / "versions" / version
         if not path.is_dir():
             raise RegistryError(f"{name}@{version} is not registered; versions: {listed}")
@@ -313,6 +324,9 @@ class Registry:
                 versions_dir.mkdir(exist_ok=True)
                 if final.exists():
                     raise RegistryError(f"{ref} is already registered ({final})")
+                # Read (and so check) the alias table before the version appears: a corrupt aliases.json
+                # then refuses the whole register instead of leaving a version without its aliases.
+                table = self.aliases(name) if aliases else {}
                 try:
                     os.rename(staged, final)
                 except OSError as e:
@@ -321,7 +335,6 @@ class Registry:
                     raise
                 _fsync_dir(versions_dir)
                 if aliases:
-                    table = self.aliases(name)
                     table.update({a: version for a in aliases})
                     _write_json_atomic(d / "aliases.json", table)
         return ref

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["PreprocessSpec", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES"]
+__all__ = ["PreprocessSpec", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES", "MAX_SIZE"]
 
 # Pillow's decompression-bomb threshold (Image.MAX_IMAGE_PIXELS), kept as our default.
 DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_MAX_BYTES = 64 * 2**20
+# Upper bound of ``size`` and ``resize``: a batch buffer holds batch x 3 x size x size values, so a
+# manifest's size=10**6 would ask for hundreds of TiB. 8192 is far beyond any classifier's input.
+MAX_SIZE = 8192
 
 _FILTERS = ("bilinear", "bicubic")
 _DTYPES = ("float32", "float16", "bfloat16", "uint8")
@@ -34,6 +39,9 @@ class PreprocessSpec:
     the reference's antialiasing (up to 3.9/255 mean difference measured on the shared photos); 1.25
     keeps every photo within 1.4/255 and still decodes 12 MP photos at 1/8. ``None`` always decodes at
     full size, which makes the result bit-exact with the torchvision reference.
+
+    ``size`` and ``resize`` are at most ``MAX_SIZE`` (8192). ``mean`` and ``std`` are three finite real
+    numbers each (``std`` > 0); strings are not converted.
     """
 
     size: int = 224
@@ -56,8 +64,12 @@ class PreprocessSpec:
         positive_int("size", self.size)
         positive_int("max_pixels", self.max_pixels)
         positive_int("max_bytes", self.max_bytes)
+        if self.size > MAX_SIZE:
+            raise ValueError(f"PreprocessSpec.size must be <= {MAX_SIZE}, got {self.size}")
         if self.resize is not None:
             positive_int("resize", self.resize)
+            if self.resize > MAX_SIZE:
+                raise ValueError(f"PreprocessSpec.resize must be <= {MAX_SIZE} or None, got {self.resize}")
             if self.resize < self.size:
                 raise ValueError(f"PreprocessSpec.resize ({self.resize}) must be >= size ({self.size})")
         if self.crop != "center":
@@ -69,12 +81,20 @@ class PreprocessSpec:
         if self.layout not in _LAYOUTS:
             raise ValueError(f"PreprocessSpec.layout must be one of {_LAYOUTS}, got {self.layout!r}")
         for name in ("mean", "std"):
-            values = tuple(float(v) for v in getattr(self, name))
-            if len(values) != 3:
-                raise ValueError(f"PreprocessSpec.{name} needs 3 values (R, G, B), got {len(values)}")
-            object.__setattr__(self, name, values)
-        if self.jpeg_reduce_margin is not None and not float(self.jpeg_reduce_margin) >= 1.0:
-            raise ValueError(f"PreprocessSpec.jpeg_reduce_margin must be >= 1 or None, got {self.jpeg_reduce_margin!r}")
+            raw = getattr(self, name)
+            # NaN or inf would turn every pixel into NaN (silently: the model still answers), and a string
+            # is a manifest typo rather than a number to convert.
+            if isinstance(raw, (str, bytes)) or not hasattr(raw, "__iter__"):
+                raise ValueError(f"PreprocessSpec.{name} must be 3 finite numbers (R, G, B), got {raw!r}")
+            raw = tuple(raw)
+            if len(raw) != 3:
+                raise ValueError(f"PreprocessSpec.{name} needs 3 values (R, G, B), got {len(raw)}")
+            if not all(_is_finite_real(v) for v in raw):
+                raise ValueError(f"PreprocessSpec.{name} must be 3 finite numbers (R, G, B), got {list(raw)!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in raw))
+        margin = self.jpeg_reduce_margin
+        if margin is not None and not (_is_finite_real(margin) and float(margin) >= 1.0):
+            raise ValueError(f"PreprocessSpec.jpeg_reduce_margin must be a finite number >= 1 or None, got {margin!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"PreprocessSpec.std values must be positive, got {self.std}")
 
@@ -102,6 +122,11 @@ class PreprocessSpec:
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)
+
+
+def _is_finite_real(value: object) -> bool:
+    """A real number (NumPy's included), not a bool or a string, and neither NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def plan_geometry(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:

@@ -12,9 +12,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-__all__ = ["Runtime", "load_runtime", "framework_for_file"]
+__all__ = ["Runtime", "ModelLoadError", "load_runtime", "framework_for_file"]
 
 _SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".pt2": "torch-export"}
+
+
+class ModelLoadError(RuntimeError):
+    """The runtime could not load the model file (not valid ONNX, a corrupt TorchScript archive...).
+
+    Each runtime's own exception (onnxruntime's InvalidProtobuf is no RuntimeError) is its ``__cause__``.
+    """
 
 
 class Runtime(Protocol):
@@ -40,11 +47,15 @@ def framework_for_file(path: str | Path) -> str:
 
 
 def load_runtime(path: str | Path, framework: str, *, backend: str = "auto", device: str = "auto",
-                 threads: int | None = None, options: dict[str, Any] | None = None) -> Runtime:
+                 threads: int | None = None, options: dict[str, Any] | None = None,
+                 data: bytes | None = None) -> Runtime:
     """Load ``path`` (a model of ``framework``) with the runtime ``backend`` picks.
 
     ``options`` go to the runtime: for torch, ``dtype`` ("float32", "float16" or "bfloat16", the last two
-    on GPUs) and ``channels_last``.
+    on GPUs) and ``channels_last``. ``data``, when given, is the model file's content already read (and
+    checked against a bundle's sha256): the built-in runtimes load it instead of reopening ``path``, which
+    then only names the model in messages. Plugins get ``path``. A model the runtime cannot parse raises
+    :class:`ModelLoadError`.
     """
     options = dict(options or {})
     if backend not in ("auto", "onnxruntime", "torch"):
@@ -57,13 +68,13 @@ def load_runtime(path: str | Path, framework: str, *, backend: str = "auto", dev
             raise ValueError("an ONNX model needs the onnxruntime backend")
         from .ort import OnnxRuntime
 
-        return OnnxRuntime(path, device=device, threads=threads, **options)
+        return OnnxRuntime(path, device=device, threads=threads, data=data, **options)
     if framework in ("torchscript", "torch-export"):
         if backend == "onnxruntime":
             raise ValueError(f"a {framework} model needs the torch backend")
         from .torch_runtime import TorchRuntime
 
-        return TorchRuntime(path, framework=framework, device=device, threads=threads, **options)
+        return TorchRuntime(path, framework=framework, device=device, threads=threads, data=data, **options)
     plugins = _plugin_loaders()
     if framework in plugins:
         return plugins[framework].load()(path, device=device, threads=threads)

@@ -13,7 +13,8 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None,
-                 allow_spinning: bool = True, dtype: str = "float32", run_batch: int | None = None):
+                 allow_spinning: bool = True, dtype: str = "float32", run_batch: int | None = None,
+                 data: bytes | None = None):
         if dtype != "float32":
             raise ValueError(f"precision {dtype!r} is for torch models: an ONNX model runs in the precision it was "
                              "exported with")
@@ -39,7 +40,17 @@ class OnnxRuntime:
             # Idle intra-op threads otherwise busy-wait for the next op; where other threads of the process
             # (an HTTP event loop, image decoding) need the same cores, that spinning takes CPU from them.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        if data is not None:
+            # Loaded from memory, the model's external data files (if any) are still found next to it.
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(Path(path).parent))
+        try:
+            self.session = ort.InferenceSession(str(path) if data is None else data, sess_options=options,
+                                                providers=providers)
+        except Exception as e:  # InvalidProtobuf, Fail, NoSuchFile...: none of them a common base but Exception
+            from . import ModelLoadError
+
+            raise ModelLoadError(f"{Path(path).name}: onnxruntime cannot load the model: {e}") from e
         self.device = "cuda" if wants_cuda else "cpu"
         # On the CPU, time per image grows once a run's activations outgrow the caches (MobileNetV2 int8 on
         # 2 cores: 0.84 ms/img at 8 images per run, 1.20 at 64), so large batches run in slices of this
@@ -51,6 +62,13 @@ class OnnxRuntime:
         self.input_name = model_input.name
         self.input_shape = model_input.shape
         self.output_name = self.session.get_outputs()[0].name
+
+    @property
+    def output_width(self) -> int | None:
+        """The model's number of outputs per image when its output shape fixes it, else None."""
+        shape = self.session.get_outputs()[0].shape
+        width = shape[-1] if len(shape) == 2 else None
+        return width if isinstance(width, int) and width > 0 else None
 
     @property
     def input_dtype(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ class TorchRuntime:
 
     def __init__(self, path: str | Path, *, framework: str, device: str = "auto", threads: int | None = None,
                  dtype: str = "float32", channels_last: bool = False, cuda_graphs: bool = False,
-                 max_graphs: int = 8):
+                 max_graphs: int = 8, data: bytes | None = None):
         import torch
 
         if device == "auto":
@@ -33,14 +34,23 @@ class TorchRuntime:
             raise ValueError(f"{dtype} inference is for GPUs; use float32 on the CPU")
         if threads:
             torch.set_num_threads(int(threads))  # process-wide in torch: documented on Classifier.load
-        if framework == "torchscript":
-            module = torch.jit.load(str(path), map_location=device)
-            module.eval()
-        elif framework == "torch-export":
-            # An ExportedProgram was traced in the mode it was exported in; its module has no eval().
-            module = torch.export.load(str(path)).module().to(device)
-        else:
+        if framework not in ("torchscript", "torch-export"):
             raise ValueError(f"TorchRuntime loads torchscript or torch-export models, not {framework!r}")
+        # BytesIO over bytes shares their buffer: the checked bytes are loaded without a second copy.
+        source = str(path) if data is None else io.BytesIO(data)
+        try:
+            if framework == "torchscript":
+                module = torch.jit.load(source, map_location=device)
+                module.eval()
+            else:
+                # An ExportedProgram was traced in the mode it was exported in; its module has no eval().
+                module = torch.export.load(source).module().to(device)
+        except (Warning, MemoryError):
+            raise  # a deprecation warning turned error (pytest), or memory: not the model's fault
+        except Exception as e:  # RuntimeError, pickle and zip errors...: torch has no one type for a bad file
+            from . import ModelLoadError
+
+            raise ModelLoadError(f"{Path(path).name}: torch cannot load the {framework} model: {e}") from e
         if cuda_graphs and not device.startswith("cuda"):
             raise ValueError("cuda_graphs needs a CUDA device")
         if self.dtype != torch.float32:

@@ -1,0 +1,118 @@
+"""CLI errors: bad arguments, unusable models and files end in one line ``speciesclf: error: ...``, never a
+traceback. The commands run in-process, so that an escaping exception fails the test with its traceback."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from speciesclf import Classifier
+from speciesclf.bundle import Label, create_bundle
+from speciesclf.cli import main
+from speciesclf.spec import PreprocessSpec
+
+SPEC = PreprocessSpec(size=32, resize=None)
+
+
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPECIESCLF_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture()
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "grey.png"
+    Image.fromarray(np.full((40, 40, 3), 128, dtype=np.uint8)).save(path)
+    return path
+
+
+def _one_error_line(capsys: pytest.CaptureFixture, rc: int, match: str) -> str:
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("speciesclf: error: "), err
+    assert match in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize("option, value", [("--top-k", "0"), ("--threads", "-1"), ("--threads", "0"),
+                                           ("--batch-size", "0"), ("--top-k", "many")])
+def test_classify_counts_are_checked_when_parsed(capsys, image: Path, option: str, value: str):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", str(image), "--model", "no-such-model", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: expected an integer >= 1" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("threads", [0, -1, True, 1.5])
+def test_classifier_load_refuses_bad_thread_counts(threads):
+    with pytest.raises(ValueError, match="threads must be an int >= 1 or None"):
+        Classifier.load("no-such-model", threads=threads)
+
+
+def test_classify_a_bundle_whose_model_is_not_onnx(capsys, tmp_path: Path, image: Path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not really a model")
+    bundle = create_bundle(tmp_path / "b", model_file=model, labels=[Label(0, "a")], name="garbage", version="1.0.0")
+    rc = main(["classify", str(image), "--model", str(bundle), "--threads", "1"])
+    _one_error_line(capsys, rc, "onnxruntime cannot load the model")
+
+
+def test_classify_an_empty_builtin_tag(capsys, image: Path):
+    rc = main(["classify", str(image), "--model", "species100@"])
+    _one_error_line(capsys, rc, "nothing after '@'")
+    rc = main(["classify", str(image), "--model", "species100@latest"])
+    _one_error_line(capsys, rc, "built-in species100 has version 1.0.0")
+
+
+def test_an_error_while_classifying_is_one_line(capsys, tmp_path: Path, image: Path):
+    import torch
+
+    # torch models tell their output width only when they run: the error comes from the classify loop.
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5)).eval()
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        batch = torch.export.Dim("batch", min=1, max=64)
+        torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: batch},)),
+                          buffer)
+    model = tmp_path / "net.pt2"
+    model.write_bytes(buffer.getvalue())
+    bundle = create_bundle(tmp_path / "b", model_file=model, labels=[Label(i, f"c{i}") for i in range(3)],
+                           name="wide", version="1.0.0", preprocess=SPEC, num_outputs=3)
+    rc = main(["classify", str(image), "--model", str(bundle), "--device", "cpu", "--quiet"])
+    _one_error_line(capsys, rc, "manifest.num_outputs: wide@1.0.0 says 3, but its model has 5 outputs")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--size", "0"], "PreprocessSpec.size must be a positive int"),
+    (["--resize", "100"], "PreprocessSpec.resize (100) must be >= size (224)"),
+    (["--size", "100000", "--resize", "0"], "PreprocessSpec.size must be <= 8192"),
+    (["--output", "/nonexistent/dir/x.npy"], "No such file or directory"),
+])
+def test_preprocess_errors_are_one_line(capsys, image: Path, args: list[str], match: str):
+    rc = main(["preprocess", str(image), *args])
+    _one_error_line(capsys, rc, match)
+
+
+def test_bundle_inspect_of_a_manifest_json_cannot_parse(capsys, tmp_path: Path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    bundle = create_bundle(tmp_path / "b", model_file=model, labels=[Label(0, "a")], name="big", version="1.0.0")
+    manifest = bundle / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text(good.replace('"temperature": 1.0', '"temperature": 1' + "0" * 5000))
+    rc = main(["bundle", "inspect", str(bundle)])
+    _one_error_line(capsys, rc, "manifest.json: unusable JSON")
+    manifest.write_text("[" * 100_000 + "]" * 100_000)
+    rc = main(["bundle", "inspect", str(bundle)])
+    _one_error_line(capsys, rc, "nested too deeply")
+    manifest.write_text(good.replace('"num_outputs": null', '"num_outputs": 1000000000000'))
+    rc = main(["bundle", "inspect", str(bundle)])  # before: MemoryError from set(range(num_outputs))
+    _one_error_line(capsys, rc, "manifest.num_outputs: expected an integer in 1..16777216")
