@@ -37,6 +37,11 @@ class ScratchBuffer {
   }
   std::size_t capacity() const { return storage_.size(); }
   void release() { std::vector<uint8_t>().swap(storage_); }
+  // A rare huge image should not pin its memory for the life of the thread.
+  void trim() {
+    if (capacity() > kKeepBytes) release();
+  }
+  static constexpr std::size_t kKeepBytes = 64u << 20;
 
  private:
   std::vector<uint8_t> storage_;

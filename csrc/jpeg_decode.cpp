@@ -108,6 +108,9 @@ struct Decoded {
 bool decode_into(Decompressor& d, const uint8_t* data, std::size_t size, int scale_denom, const Region* needed,
                  ScratchBuffer& buffer, Decoded* out, bool header_only) {
   jpeg_decompress_struct& cinfo = d.cinfo;
+  // A C++ exception (std::bad_alloc from the scratch buffer below) leaves this thread's decompressor
+  // mid-decode; resetting it first keeps that failure from spilling into the next image.
+  jpeg_abort_decompress(&cinfo);
   d.err.ran_out_of_data = false;
   d.err.message[0] = '\0';
   if (setjmp(d.err.jump)) {

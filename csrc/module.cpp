@@ -99,7 +99,8 @@ py::list preprocess(const py::list& items, const py::buffer& out, int size, int 
 
   py::list failures;
   for (std::size_t i = 0; i < n; ++i)
-    if (statuses[i] != Status::kOk) failures.append(py::make_tuple(slots[i], int(statuses[i]), messages[i]));
+    if (statuses[i] != Status::kOk)
+      failures.append(py::make_tuple(slots[i], int(statuses[i]), message_text(messages[i])));
   return failures;
 }
 
@@ -128,7 +129,15 @@ py::tuple decode(const py::buffer& data, int min_width, int min_height, uint64_t
       message = "out of memory";
     }
   }
-  if (status != Status::kOk) return py::make_tuple(int(status), message, py::none());
+  struct Trim {  // after the copy, or on any way out
+    ScratchBuffer& a;
+    ScratchBuffer& b;
+    ~Trim() {
+      a.trim();
+      b.trim();
+    }
+  } trim{decoded, oriented};
+  if (status != Status::kOk) return py::make_tuple(int(status), message_text(message), py::none());
   py::array_t<uint8_t> array({view.height, view.width, 3});
   uint8_t* dst = array.mutable_data();
   for (int y = 0; y < view.height; ++y)
@@ -170,7 +179,7 @@ py::bytes fused_resize_cpu(const py::buffer& pixels, int orientation, int size, 
   job.source.orientation = orientation;
   const int w = upright_width(job.source), h = upright_height(job.source);
   const double box[4] = {0.0, 0.0, double(w), double(h)};
-  set_job_geometry(job, plan_geometry(w, h, size, resize), box, size, static_cast<Filter>(filter));
+  set_job_geometry(job, plan_geometry(w, h, size, resize, UINT64_MAX), box, size, static_cast<Filter>(filter));
   job.slot = reinterpret_cast<uint8_t*>(&slot[0]);
   {
     py::gil_scoped_release release;

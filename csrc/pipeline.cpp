@@ -1,5 +1,6 @@
 #include "pipeline.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -9,16 +10,12 @@ namespace speciesclf {
 
 namespace {
 
-constexpr std::size_t kKeepScratchBytes = 64u << 20;
-
 struct WorkerScratch {
   ScratchBuffer decoded, oriented, converted;
   ResampleScratch resample;
 
-  // A rare huge image should not pin its memory for the life of the thread.
   void trim() {
-    for (ScratchBuffer* b : {&decoded, &oriented, &converted, &resample.intermediate})
-      if (b->capacity() > kKeepScratchBytes) b->release();
+    for (ScratchBuffer* b : {&decoded, &oriented, &converted, &resample.intermediate}) b->trim();
   }
 };
 
@@ -49,8 +46,16 @@ RgbView pixels_as_rgb(const Item& item, ScratchBuffer& converted) {
 
 }  // namespace
 
-Geometry plan_geometry(int width, int height, int size, int resize) {
+Geometry plan_geometry(int width, int height, int size, int resize, uint64_t max_pixels) {
   if (resize == 0) return Geometry{size, size, 0, 0};
+  // A long thin image (a 1 x 30 PNG is one header byte away from 1 x 16 million) resizes to a huge image:
+  // refused, as in the Python twin (which would allocate all of it), before anything is sized from it.
+  const std::string refused = "resizing " + std::to_string(width) + "x" + std::to_string(height) +
+                              " to a shorter side of " + std::to_string(resize);
+  const double longer = double(int64_t(resize) * std::max(width, height)) / std::min(width, height);
+  if (!(longer <= double(kMaxResizedSide)))
+    fail(Status::kImageTooLarge, refused + " gives a longer side over " + std::to_string(kMaxResizedSide) +
+                                     " pixels (an aspect ratio too extreme for this spec)");
   Geometry g;
   if (width <= height) {
     g.resized_width = resize;
@@ -59,6 +64,13 @@ Geometry plan_geometry(int width, int height, int size, int resize) {
     g.resized_height = resize;
     g.resized_width = int(double(int64_t(resize) * width) / height);
   }
+  const uint64_t resized_pixels = uint64_t(g.resized_width) * uint64_t(g.resized_height);
+  const uint64_t limit = std::max(max_pixels, kDefaultMaxPixels);
+  if (resized_pixels > limit)
+    fail(Status::kImageTooLarge, refused + " gives " + std::to_string(g.resized_width) + "x" +
+                                     std::to_string(g.resized_height) + " = " + std::to_string(resized_pixels) +
+                                     " pixels, more than " + std::to_string(limit) +
+                                     " (an aspect ratio too extreme for this spec)");
   // Python's round() goes half to even; so does nearbyint in the default rounding mode.
   g.crop_x = int(std::nearbyint((g.resized_width - size) / 2.0));
   g.crop_y = int(std::nearbyint((g.resized_height - size) / 2.0));
@@ -162,14 +174,15 @@ Status Preprocessor::run(const Item& item, uint8_t* slot, std::string* message, 
     RgbView src;
     if (item.pixels) {
       src = pixels_as_rgb(item, s.converted);
-      set_geometry(plan_geometry(src.width, src.height, spec_.size, spec_.resize));
+      set_geometry(plan_geometry(src.width, src.height, spec_.size, spec_.resize, spec_.limits.max_pixels));
       rc.box[0] = rc.box[1] = 0.0;
       rc.box[2] = src.width;
       rc.box[3] = src.height;
       plan_resize_crop(src.width, src.height, rc, s.resample);
     } else {
       const Probe probe = probe_image(item.data, item.size, spec_.limits);
-      const Geometry g = plan_geometry(probe.upright_width(), probe.upright_height(), spec_.size, spec_.resize);
+      const Geometry g = plan_geometry(probe.upright_width(), probe.upright_height(), spec_.size, spec_.resize,
+                                       spec_.limits.max_pixels);
       set_geometry(g);
       const int reduction = reduction_for(probe, g.resized_width, g.resized_height, spec_.reduce_margin);
       int width, height;  // upright, after the DCT reduction

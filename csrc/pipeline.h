@@ -13,6 +13,8 @@
 
 namespace speciesclf {
 
+constexpr uint64_t kDefaultMaxPixels = 89478485;  // spec.DEFAULT_MAX_PIXELS, Pillow's bomb threshold
+
 struct OutputSpec {
   int size = 224;
   int resize = 256;  // shorter side before the centre crop; 0 squashes straight to size x size
@@ -21,16 +23,19 @@ struct OutputSpec {
   Layout layout = Layout::kNCHW;
   float mean[3] = {0.485f, 0.456f, 0.406f};
   float std[3] = {0.229f, 0.224f, 0.225f};
-  Limits limits{89478485, 64u << 20};
+  Limits limits{kDefaultMaxPixels, 64u << 20};
   double reduce_margin = 1.25;  // see PreprocessSpec.jpeg_reduce_margin; 0 never reduces
 };
 
-// torchvision's Resize(resize) + CenterCrop(size) on a width x height image (or a squash).
+// torchvision's Resize(resize) + CenterCrop(size) on a width x height image (or a squash). The resized image
+// has at most max(max_pixels, kDefaultMaxPixels) pixels and a longer side of at most kMaxResizedSide (int
+// geometry): beyond either, kImageTooLarge. The twin of spec.plan_geometry.
+constexpr int kMaxResizedSide = 1 << 24;
 struct Geometry {
   int resized_width, resized_height;
   int crop_x, crop_y;
 };
-Geometry plan_geometry(int width, int height, int size, int resize);
+Geometry plan_geometry(int width, int height, int size, int resize, uint64_t max_pixels);
 
 // The source rectangle of a reduced decode, (0, 0, W/r, H/r) in stored coordinates, carried through
 // the EXIF orientation (the decoded image's padding column moves with it).

@@ -16,6 +16,24 @@ namespace speciesclf {
 
 namespace {
 
+// A chunk type as text: printable ASCII as is, any other byte (and ' and \) as \xNN, as
+// _formats.chunk_name does. A hostile file's raw bytes would not even be valid UTF-8.
+std::string chunk_name(const uint8_t* type) {
+  static const char* hex = "0123456789abcdef";
+  std::string name;
+  for (int i = 0; i < 4; ++i) {
+    const uint8_t b = type[i];
+    if (b >= 0x20 && b < 0x7F && b != '\'' && b != '\\') {
+      name += char(b);
+    } else {
+      name += "\\x";
+      name += hex[b >> 4];
+      name += hex[b & 15];
+    }
+  }
+  return name;
+}
+
 struct ContextDeleter {
   void operator()(spng_ctx* ctx) const { spng_ctx_free(ctx); }
 };
@@ -49,9 +67,7 @@ void keep_critical_chunks(const uint8_t* data, std::size_t size, ScratchBuffer& 
     }
     const uint32_t stored = read_u32(data + pos + 8 + length);
     const uLong crc = crc32(crc32(0L, Z_NULL, 0), type, uInt(length + 4));
-    if (crc != stored)
-      fail(Status::kDecodeError, "PNG data: CRC mismatch in '" + std::string(reinterpret_cast<const char*>(type), 4) +
-                                     "' chunk");
+    if (crc != stored) fail(Status::kDecodeError, "PNG data: CRC mismatch in '" + chunk_name(type) + "' chunk");
     const bool is_critical = (type[0] & 0x20) == 0;  // an uppercase first letter
     if (is_critical) {
       std::memcpy(out + used, data + pos, length + 12);
@@ -84,6 +100,13 @@ thread_local ScratchBuffer critical_chunks;
 }  // namespace
 
 StoredSize png_read_size(const uint8_t* data, std::size_t size) {
+  // The size drives everything planned before the decode (which checks every chunk): a damaged IHDR is
+  // refused here, as the Python twin's CRC walk refuses it, not trusted.
+  if (size >= 33 && read_u32(data + 8) == 13) {
+    const uLong crc = crc32(crc32(0L, Z_NULL, 0), data + 12, 17);
+    if (crc != read_u32(data + 29))
+      fail(Status::kDecodeError, "PNG data: CRC mismatch in '" + chunk_name(data + 12) + "' chunk");
+  }
   spng_ihdr ihdr{};
   open(data, size, &ihdr);
   return {int(ihdr.width), int(ihdr.height)};
@@ -100,6 +123,8 @@ RgbView png_decode(const uint8_t* data, std::size_t size, ScratchBuffer& buffer)
   check(spng_decoded_image_size(ctx.get(), SPNG_FMT_RGB8, &bytes), "size");
   uint8_t* pixels = buffer.reserve(bytes);
   check(spng_decode_image(ctx.get(), pixels, bytes, SPNG_FMT_RGB8, 0), "data");
+  ctx.reset();  // it reads from critical_chunks
+  critical_chunks.trim();
   return RgbView{pixels, int(ihdr.width), int(ihdr.height), std::ptrdiff_t(ihdr.width) * 3};
 }
 

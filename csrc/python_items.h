@@ -11,6 +11,14 @@
 
 namespace speciesclf {
 
+// A failure message as a Python str. Codec messages are ASCII, but one that quotes a hostile file's bytes
+// must not turn into a UnicodeDecodeError that loses the whole batch: invalid UTF-8 is replaced.
+inline pybind11::str message_text(const std::string& message) {
+  PyObject* text = PyUnicode_DecodeUTF8(message.data(), Py_ssize_t(message.size()), "replace");
+  if (text == nullptr) throw pybind11::error_already_set();
+  return pybind11::reinterpret_steal<pybind11::str>(text);
+}
+
 inline Item describe_item(const pybind11::buffer_info& info, Status* status, std::string* message) {
   Item item;
   if (info.ndim == 1 && info.itemsize == 1) {

@@ -54,6 +54,7 @@ SPECIESCLF_HD inline double sample_window(Filter filter, double in0, double in1,
   if (lo < 0) lo = 0;
   int hi = int(center + support + 0.5);
   if (hi > in_size) hi = in_size;
+  if (hi < lo) hi = lo;  // a window outside the image is empty, never negative (callers size buffers from it)
   *center_out = center;
   *first = lo;
   *count = hi - lo;

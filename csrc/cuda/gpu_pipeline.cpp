@@ -121,14 +121,15 @@ void GpuPipeline::route(const Item& item, Work& w) const {
     w.width = item.width;
     w.height = item.height;
     w.channels = item.channels;
-    w.geometry = plan_geometry(w.width, w.height, spec_.size, spec_.resize);
+    w.geometry = plan_geometry(w.width, w.height, spec_.size, spec_.resize, spec_.limits.max_pixels);
     w.box[2] = w.width;
     w.box[3] = w.height;
     w.staged_bytes = std::size_t(w.width) * w.height * w.channels;
     return;
   }
   w.probe = probe_image(item.data, item.size, spec_.limits);
-  w.geometry = plan_geometry(w.probe.upright_width(), w.probe.upright_height(), spec_.size, spec_.resize);
+  w.geometry = plan_geometry(w.probe.upright_width(), w.probe.upright_height(), spec_.size, spec_.resize,
+                             spec_.limits.max_pixels);
 #if SPECIESCLF_HAVE_NVJPEG
   if (nvjpeg_ && w.probe.format == Format::kJpeg && has_end_marker(item.data, item.size)) {
     w.jpeg.data = item.data;
@@ -160,9 +161,8 @@ void GpuPipeline::stage(const Item& item, Work& w, uint8_t* pinned) const {
   if (view.width != w.width || view.height != w.height) fail(Status::kDecodeError, "decoded size differs from the header's");
   const std::size_t row = std::size_t(w.width) * 3;
   for (int y = 0; y < w.height; ++y) std::memcpy(dst + y * row, view.pixel(0, y), row);
-  constexpr std::size_t kKeep = 64u << 20;  // a rare huge image should not pin its memory in the thread
-  if (decoded.capacity() > kKeep) decoded.release();
-  if (oriented.capacity() > kKeep) oriented.release();
+  decoded.trim();
+  oriented.trim();
 }
 
 void GpuPipeline::run(const std::vector<Item>& items, const std::vector<std::size_t>& slots, uint8_t* out,

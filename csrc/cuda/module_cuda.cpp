@@ -117,7 +117,8 @@ class PyGpuPipeline {
     }
     py::list failures;
     for (std::size_t i = 0; i < n; ++i)
-      if (statuses[i] != Status::kOk) failures.append(py::make_tuple(slots[i], int(statuses[i]), messages[i]));
+      if (statuses[i] != Status::kOk)
+        failures.append(py::make_tuple(slots[i], int(statuses[i]), message_text(messages[i])));
     return failures;
   }
 

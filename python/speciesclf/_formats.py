@@ -149,6 +149,12 @@ def exif_orientation(data: bytes, fmt: str | None) -> int:
     return 1
 
 
+def chunk_name(kind: bytes) -> str:
+    """A chunk type as text: printable ASCII as is, any other byte (and ' and \\) as \\xNN. The twin of
+    chunk_name in csrc/png_decode.cpp; a hostile file's raw bytes would not even be valid UTF-8."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b not in (0x27, 0x5C) else f"\\x{b:02x}" for b in kind)
+
+
 def png_crc_problem(data: bytes) -> str | None:
     """The first chunk whose CRC does not match, as libspng would reject it; None when all match.
 
@@ -162,7 +168,7 @@ def png_crc_problem(data: bytes) -> str | None:
         kind = data[pos + 4 : pos + 8]
         (stored,) = struct.unpack_from(">I", data, pos + 8 + length)
         if zlib.crc32(data[pos + 4 : pos + 8 + length]) != stored:
-            return f"CRC mismatch in {kind.decode('latin-1')!r} chunk"
+            return f"CRC mismatch in '{chunk_name(kind)}' chunk"
         if kind == b"IEND":
             return None
         pos += 12 + length

@@ -187,6 +187,8 @@ class PillowPreprocessor:
             resized = image.resize((new_w, new_h), _PIL_FILTERS[spec.interpolation], box=box)
         except MemoryError as e:
             raise ImageError(f"out of memory: {e}") from None
+        except (OverflowError, ValueError) as e:  # Pillow's own size limits; plan_geometry refuses first
+            raise ImageTooLargeError(f"cannot resize {upright[0]}x{upright[1]}: {e}") from None
         if spec.resize is not None:
             resized = resized.crop((left, top, left + spec.size, top + spec.size))
         write_output(np.asarray(resized), spec, out, self.lut)

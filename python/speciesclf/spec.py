@@ -9,7 +9,9 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["PreprocessSpec", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES", "MAX_SIZE"]
+from .errors import ImageTooLargeError
+
+__all__ = ["PreprocessSpec", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES", "MAX_SIZE", "MAX_RESIZED_SIDE"]
 
 # Pillow's decompression-bomb threshold (Image.MAX_IMAGE_PIXELS), kept as our default.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -17,6 +19,11 @@ DEFAULT_MAX_BYTES = 64 * 2**20
 # Upper bound of ``size`` and ``resize``: a batch buffer holds batch x 3 x size x size values, so a
 # manifest's size=10**6 would ask for hundreds of TiB. 8192 is far beyond any classifier's input.
 MAX_SIZE = 8192
+# The longest side an image may have after the shorter-side resize (kMaxResizedSide in csrc/pipeline.h);
+# the resized image also has at most max(max_pixels, DEFAULT_MAX_PIXELS) pixels (a lower max_pixels, meant
+# to refuse large uploads, does not stop small images being upscaled). Beyond either the image is refused
+# (ImageTooLargeError): 1 x 16 million pixels is one flipped header byte away from a 1 x 30 PNG.
+MAX_RESIZED_SIDE = 1 << 24
 
 _FILTERS = ("bilinear", "bicubic")
 _DTYPES = ("float32", "float16", "bfloat16", "uint8")
@@ -136,10 +143,18 @@ def plan_geometry(width: int, height: int, spec: PreprocessSpec) -> tuple[int, i
     """
     if spec.resize is None:
         return spec.size, spec.size, 0, 0
+    refused = f"resizing {width}x{height} to a shorter side of {spec.resize}"
+    if spec.resize * max(width, height) / min(width, height) > MAX_RESIZED_SIDE:
+        raise ImageTooLargeError(f"{refused} gives a longer side over {MAX_RESIZED_SIDE} pixels (an aspect ratio "
+                                 "too extreme for this spec)")
     if width <= height:
         new_w, new_h = spec.resize, int(spec.resize * height / width)
     else:
         new_w, new_h = int(spec.resize * width / height), spec.resize
+    limit = max(spec.max_pixels, DEFAULT_MAX_PIXELS)  # Pillow would allocate all of it (native: only the crop)
+    if new_w * new_h > limit:
+        raise ImageTooLargeError(f"{refused} gives {new_w}x{new_h} = {new_w * new_h} pixels, more than {limit} "
+                                 "(an aspect ratio too extreme for this spec)")
     return new_w, new_h, int(round((new_w - spec.size) / 2.0)), int(round((new_h - spec.size) / 2.0))
 
 
