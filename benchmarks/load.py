@@ -5,7 +5,8 @@
 Servers, each a separate process on a free loopback port (127.0.0.1), all with the same model (the shared
 MobileNetV2 int8 ONNX, as the built-in ``imagenet1k``; SPECIESCLF_WEIGHTS = the shared models folder,
 SPECIESCLF_HOME = a temporary folder):
-  a) batching        python3 -m speciesclf serve --model imagenet1k (defaults: max_batch_size 16; greedy dispatch)
+  a) batching        python3 -m speciesclf serve --model imagenet1k (its defaults: max_batch_size 16, two
+                     batches in flight; greedy dispatch)
   b) no batching     the same with --max-batch-size 1
   c) plain FastAPI   a hand-written FastAPI app (written to a temporary folder, run by uvicorn, one worker):
                      the raw body, Pillow preprocessing per request (shorter side to 256 bilinear, center crop
@@ -590,11 +591,15 @@ def main(argv: list[str] | None = None) -> int:
     if overload["server_log_500_lines"]:
         body += "\n\nServer log lines with status 500 or a traceback (a):\n" + "\n".join(
             f"    {ln[:300]}" for ln in overload["server_log_500_lines"])
+    from speciesclf.serve import ServeConfig  # the settings server a) runs with
+
+    defaults = ServeConfig()
     details = [
         f"- Model: {results['model']} for every server (a), b): built-in `imagenet1k`, SPECIESCLF_WEIGHTS = its "
         "folder; c): the same file in its own ONNX Runtime session, intra_op_num_threads=2)",
         "- Servers, each its own process on 127.0.0.1: a) `python3 -m speciesclf serve --model imagenet1k` "
-        "(max_batch_size 16, greedy dispatch: no wait when idle, max_queue 256; ORT without spinning, in slices of 8 "
+        f"(its defaults: max_batch_size {defaults.max_batch_size}, batches_in_flight {defaults.batches_in_flight}, "
+        f"greedy dispatch: no wait when idle, max_queue {defaults.max_queue}; ORT without spinning, in slices of 8 "
         "images per run); b) the same with `--max-batch-size 1`; c) a "
         "hand-written FastAPI app under `uvicorn --workers 1`: raw body → Pillow (shorter side 256 bilinear, "
         "center crop 224, normalise) → ORT batch 1 in Starlette's thread pool → softmax top-5 JSON. All log one "

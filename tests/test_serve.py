@@ -104,7 +104,8 @@ def server(clf):
 
 @pytest.fixture(scope="module")
 def slow_server(clf):
-    config = ServeConfig(max_batch_size=1, max_queue=2, max_batch_request=2, max_wait_ms=0)
+    # One image at a time, one batch at a time: which request waits and which runs is then certain.
+    config = ServeConfig(max_batch_size=1, batches_in_flight=1, max_queue=2, max_batch_request=2, max_wait_ms=0)
     with LiveServer(create_app(SlowClassifier(clf, 0.4), config)) as live:
         yield live
 
