@@ -5,8 +5,8 @@
 Servers, each a separate process on a free loopback port (127.0.0.1), all with the same model (the shared
 MobileNetV2 int8 ONNX, as the built-in ``imagenet1k``; SPECIESCLF_WEIGHTS = the shared models folder,
 SPECIESCLF_HOME = a temporary folder):
-  a) batching        python3 -m speciesclf serve --model imagenet1k (its defaults: max_batch_size 16, two
-                     batches in flight; greedy dispatch)
+  a) batching        python3 -m speciesclf serve --model imagenet1k (its defaults: max_batch_size 16, one
+                     batch in flight; greedy dispatch)
   b) no batching     the same with --max-batch-size 1
   c) plain FastAPI   a hand-written FastAPI app (written to a temporary folder, run by uvicorn, one worker):
                      the raw body, Pillow preprocessing per request (shorter side to 256 bilinear, center crop

@@ -464,8 +464,8 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, help="images per inference call (default 16)")
     p.add_argument("--batches-in-flight", type=int,
-                   help="batches decoded or inferred at once (default 2: the next batch's decoding overlaps the "
-                        "current inference)")
+                   help="batches decoded or inferred at once (default 1: one after another; 2 overlaps the "
+                        "next batch's decoding with the current inference)")
     p.add_argument("--max-wait-ms", type=float, help="kept for compatibility: an idle worker dispatches at once, and "
                         "requests arriving during an inference form the next batch")
     p.add_argument("--max-queue", type=int, help="images waiting; beyond it requests get 429 (default 256)")

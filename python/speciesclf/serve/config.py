@@ -23,10 +23,10 @@ class ServeConfig:
     # the runtime idle while the responses go out (measured at 32 clients: 488 req/s at 16, 448 at 32).
     max_batch_size: int = 16
     # Batches being decoded or inferred at once. 2 lets the next batch's decoding overlap the current one's
-    # inference and keeps the runtime busy while the event loop answers the last batch: on 2 cores at 32
-    # clients, 5 paired rounds each gave 2 the higher throughput (median +4%, p99 the same; the server used
-    # 1.83 cores instead of 1.73).
-    batches_in_flight: int = 2
+    # inference: on 2 cores at 32 clients it gave +4% throughput (5 paired rounds), but under 4x overload
+    # the event loop, left with less CPU, answered 777 of 7872 requests after their deadline (none with 1)
+    # and took 2 s instead of 0.5 s to recover. On larger hosts, where the loop keeps a core, try 2.
+    batches_in_flight: int = 1
     max_wait_ms: float = 5.0  # how long the worker waits for more requests to fill a batch
     max_queue: int = 256  # images waiting for inference; beyond this: 429
     default_timeout_ms: int = 10_000  # per-request deadline, overridable with X-Request-Timeout-Ms
