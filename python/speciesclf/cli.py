@@ -37,7 +37,7 @@ def _one_line_errors(run):
     """Wrap a handler so that errors print one line ``speciesclf: error: ...`` and exit 1, never a traceback.
 
     ValueError covers BundleError and RegistryError, RuntimeError the runtimes' ModelLoadError and the
-    CUDA errors, OSError unreadable or unwritable files.
+    CUDA errors, OSError unreadable or unwritable files. Every subcommand but info and serve uses it.
     """
 
     def wrapped(args: argparse.Namespace) -> int:
@@ -159,22 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 # `speciesclf bundle ...` and `speciesclf registry ...` (model bundles and the local registry).
 # Self-contained: everything below is reached only through _add_bundle_registry_commands().
 # ------------------------------------------------------------------------------------------------
-
-
-def _bundle_errors(run):
-    """Wrap a handler so that bundle/registry errors print one line and exit 1, never a traceback."""
-
-    def wrapped(args: argparse.Namespace) -> int:
-        from .bundle import BundleError
-        from .registry import RegistryError
-
-        try:
-            return run(args)
-        except (BundleError, RegistryError, OSError) as e:
-            print(f"speciesclf: error: {e}", file=sys.stderr)
-            return 1
-
-    return wrapped
 
 
 def _metric_pair(text: str) -> tuple[str, float]:
@@ -379,16 +363,16 @@ def _add_bundle_registry_commands(sub) -> None:
     p.add_argument("--training-data")
     p.add_argument("--notes", default="")
     p.add_argument("--link", action="store_true", help="hard-link the model instead of copying it (if possible)")
-    p.set_defaults(run=_bundle_errors(_cmd_bundle_create))
+    p.set_defaults(run=_one_line_errors(_cmd_bundle_create))
 
     p = bsub.add_parser("inspect", help="print a bundle's manifest")
     p.add_argument("path", help="bundle directory or .zip")
     p.add_argument("--json", action="store_true", help="the full manifest as JSON")
-    p.set_defaults(run=_bundle_errors(_cmd_bundle_inspect))
+    p.set_defaults(run=_one_line_errors(_cmd_bundle_inspect))
 
     p = bsub.add_parser("verify", help="check a bundle: manifest, labels and the model's sha256")
     p.add_argument("path", help="bundle directory or .zip")
-    p.set_defaults(run=_bundle_errors(_cmd_bundle_verify))
+    p.set_defaults(run=_one_line_errors(_cmd_bundle_verify))
 
     # --root is accepted both before and after the registry subcommand.
     root_help = "registry root (default: $SPECIESCLF_HOME/registry, see speciesclf.registry.default_home)"
@@ -400,28 +384,28 @@ def _add_bundle_registry_commands(sub) -> None:
 
     p = rsub.add_parser("list", parents=[common], help="names, versions and aliases")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_bundle_errors(_cmd_registry_list))
+    p.set_defaults(run=_one_line_errors(_cmd_registry_list))
 
     p = rsub.add_parser("register", parents=[common], help="copy a bundle into the registry")
     p.add_argument("path", help="bundle directory or .zip")
     p.add_argument("--alias", action="append", help="also point this alias at it (repeatable)")
-    p.set_defaults(run=_bundle_errors(_cmd_registry_register))
+    p.set_defaults(run=_one_line_errors(_cmd_registry_register))
 
     p = rsub.add_parser("alias", parents=[common], help="point NAME@ALIAS at VERSION")
     p.add_argument("name")
     p.add_argument("alias")
     p.add_argument("version", nargs="?")
     p.add_argument("--remove", action="store_true", help="remove the alias instead")
-    p.set_defaults(run=_bundle_errors(_cmd_registry_alias))
+    p.set_defaults(run=_one_line_errors(_cmd_registry_alias))
 
     p = rsub.add_parser("resolve", parents=[common], help="print the bundle directory of name[@version|@alias]")
     p.add_argument("ref")
-    p.set_defaults(run=_bundle_errors(_cmd_registry_resolve))
+    p.set_defaults(run=_one_line_errors(_cmd_registry_resolve))
 
     p = rsub.add_parser("delete", parents=[common], help="remove NAME@VERSION (refused while an alias uses it)")
     p.add_argument("name")
     p.add_argument("version")
-    p.set_defaults(run=_bundle_errors(_cmd_registry_delete))
+    p.set_defaults(run=_one_line_errors(_cmd_registry_delete))
 
 
 # ------------------------------------------------------------------------------------------------
