@@ -340,3 +340,37 @@ def test_warnings_and_uvicorn_lines_go_out_as_json(capsys) -> None:
     assert warning["logger"] == "py.warnings" and "Corrupt EXIF data" in warning["msg"]
     (started,) = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert started["logger"] == "uvicorn.error" and started["msg"] == "Started server process"
+
+
+def test_bodies_received_at_once_are_bounded_and_released(species100, photo) -> None:
+    app = create_app(species100, ServeConfig(max_body_bytes=200_000, max_inflight_body_bytes=300_000))
+    state = app.state.serve
+    with LiveServer(app) as live:
+        port = int(live.url.rsplit(":", 1)[1])
+        stalled = []
+        try:
+            for _ in range(2):  # two uploads of 150 kB of their 200 kB, then silence
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                stalled.append(s)
+                s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                          b"Content-Length: 200000\r\n\r\n" + bytes(150_000))
+            deadline = time.monotonic() + 5
+            while state.inflight_body_bytes < 300_000 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert state.inflight_body_bytes == 300_000
+            r = httpx.post(live.url + "/v1/predict", content=bytes(100_000), timeout=10)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy", r.text
+            assert r.headers["retry-after"] == "1"
+        finally:
+            for s in stalled:
+                s.close()
+        deadline = time.monotonic() + 5
+        while state.inflight_body_bytes and time.monotonic() < deadline:  # released once answered (499)
+            time.sleep(0.02)
+        assert state.inflight_body_bytes == 0
+        assert httpx.post(live.url + "/v1/predict", content=photo, timeout=10).status_code == 200
+
+
+def test_inflight_body_limit_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_inflight_body_bytes"):
+        ServeConfig(max_body_bytes=1000, max_inflight_body_bytes=999)

@@ -513,10 +513,14 @@ def test_bad_urls_get_precise_4xx_while_valid_requests_keep_being_served(server,
 @pytest.mark.shared
 def test_the_request_deadline_bounds_the_fetch(server, origin) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as c:
+        # the client's deadline (300 ms) runs out first: 503, as for any request that cannot meet its deadline
         t0 = time.perf_counter()
         r = c.post("/v1/predict", json={"url": f"{origin.base}/drip"}, headers={"x-request-timeout-ms": "300"})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "url_fetch_failed"
+        assert r.status_code == 503 and r.json()["error"]["code"] == "deadline_exceeded"
         assert time.perf_counter() - t0 < 0.3 + 0.4
+        # the service's own fetch limit (url_timeout_s 1.5 s) runs out first: the fetch failed
+        r = c.post("/v1/predict", json={"url": f"{origin.base}/drip"}, headers={"x-request-timeout-ms": "5000"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "url_fetch_failed"
 
 
 class _NotFoundOrigin:

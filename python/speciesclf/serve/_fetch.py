@@ -150,7 +150,8 @@ class UrlFetcher:
 
     async def fetch(self, url: Any, timeout_s: float, field: str = "url") -> bytes:
         """The body of ``url`` (after redirects), or :class:`ApiError`: ``url_not_allowed`` (400),
-        ``url_fetch_failed`` (400) or ``image_too_large`` (413). ``timeout_s`` bounds the whole fetch."""
+        ``url_fetch_failed`` (400), ``image_too_large`` (413), or ``deadline_exceeded`` (503) when
+        ``timeout_s`` (what is left of the request's deadline) ran out before ``url_timeout_s`` did."""
         if not isinstance(url, str) or not url:
             raise ApiError(422, "invalid_request", f"{field} must be a non-empty string")
         if len(url) > self.config.url_max_length:
@@ -161,6 +162,9 @@ class UrlFetcher:
                 async with self._slots:
                     return await self._follow(url, field)
         except TimeoutError:
+            if timeout_s < self.config.url_timeout_s:  # the client's deadline, not the fetch limit, ran out
+                raise ApiError(503, "deadline_exceeded",
+                               f"{field}: the request's deadline passed while fetching the URL") from None
             raise ApiError(400, "url_fetch_failed", f"{field}: fetching the URL took longer than {budget:g} s") from None
         except _Failed as e:
             raise ApiError(400, "url_fetch_failed", f"{field}: {e}") from None

@@ -44,6 +44,7 @@ class _State:
         self.owns_classifier = False
         self.loader: asyncio.Task | None = None
         self.fetcher: UrlFetcher | None = None
+        self.inflight_body_bytes = 0  # bodies being received or held by requests not yet answered
 
 
 def _error_response(error: ApiError, state: _State) -> JSONResponse:
@@ -341,12 +342,21 @@ async def _read_body(request: Request, config: ServeConfig) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.strip().isdigit() and int(length) > config.max_body_bytes:
         raise too_large
+    state: _State = request.app.state.serve
+    info = request.scope.setdefault("speciesclf", {})
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > config.max_body_bytes:
                 raise too_large
+            # Counted as it arrives, released when the request is answered (_RequestMiddleware).
+            info["body_bytes"] = info.get("body_bytes", 0) + len(chunk)
+            state.inflight_body_bytes += len(chunk)
+            if state.inflight_body_bytes > config.max_inflight_body_bytes:
+                raise ApiError(503, "server_busy", "too many request bodies are being received at once "
+                               f"(max_inflight_body_bytes={config.max_inflight_body_bytes}); retry shortly",
+                               {"Retry-After": "1"})
             chunks.append(chunk)
     except ClientDisconnect:  # nobody reads the answer; 499 keeps it out of the server-error counts
         raise ApiError(499, "client_closed", "the client closed the connection before sending the whole body") from None
@@ -464,6 +474,7 @@ class _RequestMiddleware:
             self.state.metrics.error(error.code)
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, send_wrapper)
         finally:
+            self.state.inflight_body_bytes -= info.get("body_bytes", 0)
             seconds = time.perf_counter() - start
             self.state.metrics.request(route, status["code"], seconds)
             log("request", request_id=request_id, method=scope.get("method"), route=route, status=status["code"],

@@ -32,6 +32,9 @@ class ServeConfig:
     default_timeout_ms: int = 10_000  # per-request deadline, overridable with X-Request-Timeout-Ms
     max_timeout_ms: int = 300_000  # the largest deadline a client may ask for
     max_body_bytes: int = 20 * 2**20
+    # Request bodies being received at once, in bytes over all requests: beyond it, 503 server_busy. Many
+    # slow uploads of max_body_bytes each would otherwise hold as much memory as clients care to open.
+    max_inflight_body_bytes: int = 256 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = 16
     max_batch_request: int = 64  # images in one /v1/predict/batch request
@@ -56,7 +59,8 @@ class ServeConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ServeConfig.{name} must be a positive int, got {value!r}")
 
-        for name in ("max_batch_size", "batches_in_flight", "max_queue", "default_timeout_ms", "max_timeout_ms", "max_body_bytes",
+        for name in ("max_batch_size", "batches_in_flight", "max_queue", "default_timeout_ms", "max_timeout_ms",
+                     "max_body_bytes", "max_inflight_body_bytes",
                      "max_pixels", "min_side", "max_batch_request", "max_top_k", "url_max_bytes", "url_max_concurrent",
                      "url_max_length"):
             positive_int(name)
@@ -77,6 +81,9 @@ class ServeConfig:
         if self.default_timeout_ms > self.max_timeout_ms:
             raise ValueError(f"ServeConfig.default_timeout_ms ({self.default_timeout_ms}) must be <= "
                              f"max_timeout_ms ({self.max_timeout_ms})")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(f"ServeConfig.max_inflight_body_bytes ({self.max_inflight_body_bytes}) must be >= "
+                             f"max_body_bytes ({self.max_body_bytes}), or no largest body could ever be read")
         if self.max_queue < self.max_batch_request:
             # A full batch request must be acceptable by an empty queue, or it could never be served.
             raise ValueError(f"ServeConfig.max_queue ({self.max_queue}) must be >= max_batch_request "
