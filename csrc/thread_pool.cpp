@@ -1,9 +1,27 @@
 #include "thread_pool.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
+#include <new>
 
 namespace speciesclf {
+
+namespace {
+
+std::atomic<ThreadPool*> g_pool{nullptr};
+std::mutex g_creating;
+
+// A child of fork() has only the forking thread: the parent's workers do not exist there, and the
+// pool's mutexes may have been copied while another thread held them. The child starts a pool of its
+// own; the parent's is leaked, untouched (destroying its joinable threads would terminate).
+void forget_pool_in_child() {
+  g_pool.store(nullptr);
+  new (&g_creating) std::mutex();
+}
+
+}  // namespace
 
 struct ThreadPool::Job {
   const std::function<void(std::size_t)>* task;
@@ -19,8 +37,17 @@ struct ThreadPool::Job {
 };
 
 ThreadPool& ThreadPool::instance() {
-  // Leaked on purpose: joining threads from a static destructor at interpreter exit can deadlock.
-  static ThreadPool* pool = new ThreadPool();
+  ThreadPool* pool = g_pool.load(std::memory_order_acquire);
+  if (pool != nullptr) return *pool;
+  std::lock_guard<std::mutex> lock(g_creating);
+  pool = g_pool.load(std::memory_order_acquire);
+  if (pool == nullptr) {
+    static const bool registered = pthread_atfork(nullptr, nullptr, forget_pool_in_child) == 0;
+    (void)registered;
+    // Leaked on purpose: joining threads from a static destructor at interpreter exit can deadlock.
+    pool = new ThreadPool();
+    g_pool.store(pool, std::memory_order_release);
+  }
   return *pool;
 }
 

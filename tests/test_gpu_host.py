@@ -136,3 +136,30 @@ def test_cli_classify_on_a_missing_gpu_is_one_line(tmp_path, shared_dir) -> None
                           "--quiet"], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 1
     assert run.stderr.startswith("speciesclf: error:") and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threads": 0}, "threads"), ({"threads": -3}, "threads"), ({"threads": 2.5}, "threads"),
+    ({"backend": "bogus"}, "backend"), ({"device": "cuda:abc"}, "device"), ({"device": "cuda:-1"}, "device"),
+])
+def test_bad_gpu_arguments_are_value_errors_on_any_machine(kwargs: dict, message: str) -> None:
+    # Checked before anything touches CUDA: the same ValueError with or without a GPU, with or without
+    # a CUDA build, as on device="cpu".
+    kwargs = {"device": "cuda", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        preprocess_batch([b"\xff\xd8"], **kwargs)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:12", 0, 3])
+def test_cuda_device_names_that_pass_the_check(device) -> None:
+    from speciesclf.gpu import check_cuda_device
+
+    check_cuda_device(device)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:", "cuda:1:2", "CUDA", -1, True, None, 1.0])
+def test_cuda_device_names_that_fail_the_check(device) -> None:
+    from speciesclf.gpu import check_cuda_device
+
+    with pytest.raises(ValueError, match="device"):
+        check_cuda_device(device)

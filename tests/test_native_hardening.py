@@ -11,6 +11,8 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
+import warnings
 import zlib
 
 import numpy as np
@@ -153,3 +155,56 @@ def test_decode_does_not_keep_a_huge_images_scratch_memory() -> None:
     assert array.shape == (6000, 5000, 3)
     del array
     assert _rss_mib() - before < 40  # 2 x 90 MB of scratch would stay without the trim
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forked_child_can_preprocess_while_the_parent_was_busy(backend: str) -> None:
+    # Two threads keep the pools' locks busy (tiny images) while the main thread forks: a child must
+    # neither hang on a mutex copied while held nor wait for worker threads that exist only in the parent.
+    import threading
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
+    items = [buffer.getvalue()] * 4
+    spec = PreprocessSpec(size=8, resize=None, dtype="uint8")
+    expected = speciesclf.preprocess_batch(items, spec, backend=backend, threads=4).array
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            speciesclf.preprocess_batch(items, spec, backend=backend, threads=4)
+
+    workers = [threading.Thread(target=busy) for _ in range(2)]
+    for t in workers:
+        t.start()
+    outcomes = []
+    try:
+        for _ in range(20):
+            with warnings.catch_warnings():  # "fork() in a multi-threaded process" is the point here
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # the child: exit status 0 only with the right answer
+                code = 2
+                try:
+                    result = speciesclf.preprocess_batch(items, spec, backend=backend, threads=4).array
+                    code = 0 if np.array_equal(result, expected) else 1
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 3
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    outcomes.append(os.waitstatus_to_exitcode(status))
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    outcomes.append("hung")
+                    break
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in workers:
+            t.join()
+    assert outcomes == [0] * 20, outcomes

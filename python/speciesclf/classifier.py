@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import html
 import io
+import numbers
 import os
 import sys
 import threading
@@ -174,7 +176,9 @@ class Classifier:
                  hooks: Any = None, allow_urls: bool = False, load_options: Mapping[str, Any] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._engine = engine
+        self._live_engine = engine
+        self._staged = threading.local()  # reload()'s new engine, seen by its on_load hook before it goes live
+        self._closed = False
         self.batch_size = int(batch_size)
         self.threads = threads
         self.allow_urls = allow_urls
@@ -182,8 +186,9 @@ class Classifier:
         self._load_options = dict(load_options or {})
         self._reload_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="speciesclf-preprocess")
-        # Batch buffers are reused: a fresh 38 MB array per batch costs page faults on every image.
-        self._free_buffers: dict[tuple, list[np.ndarray]] = {}
+        # Batch buffers are reused: a fresh 38 MB array per batch costs page faults on every image. The
+        # least recently used shapes are dropped (see _release_buffer), so the pool stays bounded.
+        self._free_buffers: collections.OrderedDict[tuple, list[Any]] = collections.OrderedDict()
         self._buffers_lock = threading.Lock()
         self._hook("on_load", self)
 
@@ -224,13 +229,33 @@ class Classifier:
 
     def reload(self, source: Any) -> str:
         """Switch to another model version. Requests already running finish on the old one; no request
-        sees a mix of the two. Returns the new ``name@version``."""
+        sees a mix of the two. Returns the new ``name@version``.
+
+        The ``on_load`` hook runs before the new version goes live; within it (on the reloading thread)
+        the classifier already is the new version. If the hook raises, reload raises and the old version
+        stays live."""
+        self._check_open()
         options = dict(self._load_options)
         engine = _build_engine(source, **options)
+        self._staged.engine = engine
+        try:
+            self._hook("on_load", self)
+        except BaseException:
+            if engine.gpu is not None:
+                engine.gpu.close()
+            raise
+        finally:
+            del self._staged.engine
         with self._reload_lock:
-            self._engine = engine  # one reference assignment: atomic for every reader
-        self._hook("on_load", self)
+            self._live_engine = engine  # one reference assignment: atomic for every reader
+        with self._buffers_lock:
+            self._free_buffers.clear()  # the old version's buffers may not fit the new spec: drop them
         return engine.ref
+
+    @property
+    def _engine(self) -> _Engine:
+        staged = getattr(self._staged, "engine", None)
+        return self._live_engine if staged is None else staged
 
     @property
     def model(self) -> str:
@@ -249,7 +274,11 @@ class Classifier:
         return getattr(self._engine.runtime, "device", "cpu")
 
     def close(self) -> None:
+        """Stops the preprocessing thread; predict* and reload() then raise RuntimeError. Idempotent."""
+        self._closed = True
         self._pool.shutdown(wait=True)
+        with self._buffers_lock:
+            self._free_buffers.clear()
         if self._engine.gpu is not None:
             self._engine.gpu.close()
 
@@ -270,6 +299,13 @@ class Classifier:
 
     def predict_batch(self, xs: Iterable[Any], *, top_k: int = 5,
                       on_error: Literal["return", "raise"] = "return") -> list[Prediction]:
+        self._check_open()
+        if isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)):
+            # Iterating one of these would classify each character or byte.
+            raise TypeError(f"predict_batch takes an iterable of images, got one {type(xs).__name__} "
+                            f"(str, bytes, bytearray, memoryview and paths are single images: use predict())")
+        _check_predict_args(top_k, on_error)
+        top_k = int(top_k)
         items = list(xs)
         self._hook("before_predict", self, items)
         predictions = list(self._predict_stream(items, top_k=top_k, on_error=on_error, batch_size=self.batch_size))
@@ -278,9 +314,25 @@ class Classifier:
 
     def predict_iter(self, iterable: Iterable[Any], *, batch_size: int | None = None, top_k: int = 5,
                      progress: bool = False, on_error: Literal["return", "raise"] = "return") -> Iterator[Prediction]:
-        """Predictions in input order, batch by batch; decoding of the next batch overlaps inference."""
-        stream = self._predict_stream(iterable, top_k=top_k, on_error=on_error,
-                                      batch_size=batch_size or self.batch_size)
+        """Predictions in input order, batch by batch; decoding of the next batch overlaps inference.
+
+        Arguments are checked when called, not when first iterated. If ``iterable`` raises, the predictions
+        of every item it produced before are yielded first, then its exception is raised."""
+        self._check_open()
+        if batch_size is None:
+            batch_size = self.batch_size
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+        elif batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_predict_args(top_k, on_error)
+        batch_size, top_k = int(batch_size), int(top_k)
+        return self._predict_iter(iterable, batch_size=batch_size, top_k=top_k, progress=progress,
+                                  on_error=on_error)
+
+    def _predict_iter(self, iterable: Iterable[Any], *, batch_size: int, top_k: int, progress: bool,
+                      on_error: str) -> Iterator[Prediction]:
+        stream = self._predict_stream(iterable, top_k=top_k, on_error=on_error, batch_size=batch_size)
         if not progress:
             yield from stream
             return
@@ -293,22 +345,31 @@ class Classifier:
             yield prediction
         print(f"\r{done} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("Classifier is closed")
+
     def _predict_stream(self, iterable: Iterable[Any], *, top_k: int, on_error: str,
                         batch_size: int) -> Iterator[Prediction]:
-        if on_error not in ("return", "raise"):
-            raise ValueError(f"on_error must be 'return' or 'raise', got {on_error!r}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self._check_open()  # again: a predict_iter generator may first run after close()
         engine = self._engine  # one version for the whole request
+        # Every buffer has the rows of a full batch: a shorter tail reuses it instead of adding a shape.
+        rows = max(batch_size, self.batch_size)
         chunks = _chunks(iterable, batch_size)
-        pending = None
-        first = next(chunks, None)
-        if first is not None:
-            pending = self._pool.submit(self._prepare, engine, first)
+        failure: Exception | None = None  # what the iterable raised, re-raised once earlier items are answered
+
+        def submit_next():
+            nonlocal failure
+            try:
+                chunk = next(chunks, None)
+            except Exception as e:
+                failure, chunk = e, None
+            return None if chunk is None else self._pool.submit(self._prepare, engine, chunk, rows)
+
+        pending = submit_next()
         while pending is not None:
             prepared = pending.result()
-            following = next(chunks, None)
-            pending = self._pool.submit(self._prepare, engine, following) if following is not None else None
+            pending = submit_next()  # prepared while this batch runs
             try:
                 predictions = self._infer(engine, prepared, top_k)
             finally:
@@ -317,8 +378,10 @@ class Classifier:
                 if on_error == "raise" and prediction.error is not None:
                     raise prediction.error
                 yield prediction
+        if failure is not None:
+            raise failure
 
-    def _prepare(self, engine: _Engine, items: list[Any]) -> dict:
+    def _prepare(self, engine: _Engine, items: list[Any], rows: int) -> dict:
         start = time.perf_counter()
         sources, errors = [], {}
         for i, item in enumerate(items):
@@ -327,7 +390,8 @@ class Classifier:
             except ImageError as e:
                 errors[i] = e
                 sources.append(b"")  # its slot is reported with the error above
-        buffer = self._acquire_buffer(engine, len(items))
+        buffer = self._acquire_buffer(engine, rows)
+        # out= may have more rows than items: the batch is a view of the first len(items).
         if engine.gpu is not None:
             # Our own idle buffer: no need to wait for the model's queued work, which this overlaps.
             batch = engine.gpu(sources, out=buffer[1], on_error="skip", wait_for_torch=False)
@@ -339,9 +403,8 @@ class Classifier:
         return {"items": items, "batch": batch, "errors": errors, "seconds": time.perf_counter() - start,
                 "buffer": buffer}
 
-    def _acquire_buffer(self, engine: _Engine, n: int) -> tuple[tuple, Any]:
-        """(key, batch buffer): a NumPy array, or a CUDA tensor for GPU preprocessing."""
-        rows = max(n, self.batch_size)
+    def _acquire_buffer(self, engine: _Engine, rows: int) -> tuple[tuple, Any]:
+        """(key, batch buffer of ``rows`` rows): a NumPy array, or a CUDA tensor for GPU preprocessing."""
         spec = engine.gpu.spec if engine.gpu is not None else engine.spec
         shape = spec.output_shape(rows)
         key = (shape, spec.dtype, None if engine.gpu is None else str(engine.gpu.device))
@@ -362,9 +425,14 @@ class Classifier:
     def _release_buffer(self, key_and_buffer: tuple[tuple, Any]) -> None:
         key, buffer = key_and_buffer
         with self._buffers_lock:
+            if self._closed:
+                return
             free = self._free_buffers.setdefault(key, [])
+            self._free_buffers.move_to_end(key)
             if len(free) < 2:  # one being filled, one being read: enough for the pipeline
                 free.append(buffer)
+            while len(self._free_buffers) > _POOLED_SHAPES:  # other batch sizes: the least recently used go
+                self._free_buffers.popitem(last=False)
 
     def _infer(self, engine: _Engine, prepared: dict, top_k: int) -> list[Prediction]:
         items, batch, errors = prepared["items"], prepared["batch"], prepared["errors"]
@@ -426,13 +494,31 @@ def _keep_for_display(item: Any) -> Any:
     return None
 
 
+_POOLED_SHAPES = 2  # buffer shapes kept for reuse: the classifier's batch size and one other
+
+
+def _check_predict_args(top_k: Any, on_error: Any) -> None:
+    # bool is an int, but top_k=True is a mistake; NumPy integers are fine.
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"top_k must be an int >= 1, got {top_k!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if on_error not in ("return", "raise"):
+        raise ValueError(f"on_error must be 'return' or 'raise', got {on_error!r}")
+
+
 def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
     chunk: list[Any] = []
-    for item in iterable:
-        chunk.append(item)
-        if len(chunk) == size:
+    try:
+        for item in iterable:
+            chunk.append(item)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except Exception:
+        if chunk:  # the items produced before the failure are still answered; the next call re-raises
             yield chunk
-            chunk = []
+        raise
     if chunk:
         yield chunk
 

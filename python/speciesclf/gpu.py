@@ -10,6 +10,7 @@ arithmetic (``csrc/fused_resize.h``). The result matches the CPU path within the
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any, Iterable, Literal
 
@@ -23,6 +24,22 @@ from .preprocess import _DTYPE_CODES, _FILTER_CODES, _LAYOUT_CODES, Batch, torch
 from .spec import PreprocessSpec
 
 __all__ = ["GpuPreprocessor", "cuda_status", "preprocessor_for_thread"]
+
+
+_CUDA_DEVICE = re.compile(r"cuda(:[0-9]+)?")
+
+
+def check_cuda_device(device: Any) -> None:
+    """ValueError unless ``device`` names a CUDA device: "cuda", "cuda:N", an index N >= 0 or a torch.device.
+    Checked without importing torch or touching CUDA, so a bad argument reads the same on every machine."""
+    if isinstance(device, str):
+        ok = _CUDA_DEVICE.fullmatch(device) is not None
+    elif isinstance(device, int) and not isinstance(device, bool):
+        ok = device >= 0
+    else:
+        ok = type(device).__name__ == "device" and getattr(device, "type", None) == "cuda"
+    if not ok:
+        raise ValueError(f"device must be 'cuda', 'cuda:N' (N >= 0) or a CUDA torch.device, got {device!r}")
 
 
 class GpuPreprocessor:
@@ -44,8 +61,11 @@ class GpuPreprocessor:
     ) -> None:
         if not isinstance(spec, PreprocessSpec):
             raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+        check_cuda_device(device)  # arguments first: a typo is a ValueError on any machine
         native = _cuda.native_cuda()  # raises "speciesclf was built without CUDA" first, where that is so
         usable, why = cuda_status()
         if not usable:
@@ -58,9 +78,7 @@ class GpuPreprocessor:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.spec = spec
-        self.threads = _backend.default_threads() if threads is None else int(threads)
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        self.threads = _backend.default_threads() if threads is None else threads
         self.max_batch = int(max_batch)
         self._torch = torch
         self._dtype = torch_dtype(spec)

@@ -19,6 +19,9 @@ __all__ = ["ImageInput", "as_source"]
 def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; ImageReadError / ImageTooLargeError otherwise."""
     name = repr(os.fspath(path))
+    if "\0" in os.fsdecode(path):
+        # os.stat would raise ValueError ("embedded null byte"): no file can have such a name.
+        raise ImageReadError(f"cannot read {name}: the path contains a NUL byte")
     try:
         # Devices, FIFOs and sockets are refused before they are opened: st_size says nothing about them
         # (/dev/zero never ends, a FIFO blocks until a writer comes).
@@ -59,9 +62,11 @@ def as_source(item: object, max_bytes: int) -> bytes | memoryview | np.ndarray:
         from ._pillow_backend import to_rgb
 
         try:
-            return np.asarray(to_rgb(item))
+            pixels = np.asarray(to_rgb(item))
         except (OSError, ValueError) as e:
             raise InvalidImageError(f"cannot convert PIL image of mode {item.mode!r} to RGB: {e}") from None
+        # The same shape and empty checks as arrays: a 0x0 image would crash the Pillow backend's resize.
+        return _as_pixels(pixels)
     raise InvalidImageError(
         f"unsupported input type {type(item).__name__}: pass bytes, a path, a uint8 array or a PIL image"
     )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
+import numbers
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Literal
@@ -74,21 +78,25 @@ def preprocess_batch(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not isinstance(spec, PreprocessSpec):
         raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
+                                or threads < 1):
+        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
     device = str(device)
     if device != "cpu":
         if not (device == "cuda" or device.startswith("cuda:")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        from . import gpu
+
+        gpu.check_cuda_device(device)  # "cuda:abc" is a ValueError here, before anything touches CUDA
         if backend == "python":
             raise ValueError("backend='python' runs on the CPU; use device='cpu' with it")
         if timings:
             raise ValueError("timings=True times each item on the CPU path; the GPU path works batch-wide")
-        from . import gpu
-
         return gpu.preprocessor_for_thread(spec, device, threads)(items, out=out, on_error=on_error)
     chosen = _backend.resolve(backend)
     threads = _backend.default_threads() if threads is None else int(threads)
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
     items = list(items)
     n = len(items)
     array, result = _output_buffer(out, spec, n)
@@ -155,15 +163,34 @@ def _run_native(sources, slots, array, spec, threads, errors, seconds) -> list[t
     return leftovers
 
 
-_executors: dict[int, ThreadPoolExecutor] = {}
-_executors_lock = threading.Lock()
+# One pool for every call: a pool per threads= value would leave each one's threads alive forever.
+_executor: ThreadPoolExecutor | None = None
+_executor_size = 0
+_executor_lock = threading.Lock()
 
 
-def _executor(threads: int) -> ThreadPoolExecutor:
-    with _executors_lock:
-        if threads not in _executors:
-            _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="speciesclf-pillow")
-        return _executors[threads]
+def _submit_all(threads: int, fn, args: list) -> list:
+    """Runs fn(arg) for each arg on the shared pool, grown to at least ``threads`` workers."""
+    global _executor, _executor_size
+    with _executor_lock:  # submitting under the lock: no task can land on a pool being replaced
+        if _executor is None or _executor_size < threads:
+            old = _executor
+            _executor = ThreadPoolExecutor(threads, thread_name_prefix="speciesclf-pillow")
+            _executor_size = threads
+            if old is not None:
+                old.shutdown(wait=False)  # its queued tasks still run; its threads exit once idle
+        return [_executor.submit(fn, arg) for arg in args]
+
+
+def _forget_pool_in_child() -> None:
+    # A forked child has none of the parent's worker threads, but the executor's books say they are idle
+    # and it would start none: work submitted there would wait forever. The child makes its own.
+    global _executor, _executor_size, _executor_lock
+    _executor, _executor_size, _executor_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _run_pillow(work: list[tuple[int, Any]], array, spec, threads, errors, seconds) -> None:
@@ -179,7 +206,14 @@ def _run_pillow(work: list[tuple[int, Any]], array, spec, threads, errors, secon
             return slot, ImageError(f"out of memory: {e}")
         return slot, None
 
-    results = map(task, work) if threads == 1 or len(work) == 1 else _executor(threads).map(task, work)
+    if threads == 1 or len(work) == 1:
+        results = list(map(task, work))
+    else:
+        # The pool may be larger than this call's threads: `threads` tasks, each a share of the work,
+        # keep this call to its own concurrency.
+        shares = [work[i::threads] for i in range(min(threads, len(work)))]
+        futures = _submit_all(threads, lambda share: [task(one) for one in share], shares)
+        results = [result for future in futures for result in future.result()]
     for slot, error in results:
         if error is not None:
             errors[slot] = error
@@ -218,11 +252,38 @@ def _torch_out(out: Any, spec: PreprocessSpec, shape) -> tuple[np.ndarray, Any]:
     if out.dtype != expected:
         raise ValueError(f"out has dtype {out.dtype}, the spec needs {expected}")
     _check_out(tuple(out.shape), spec.numpy_dtype, out.is_contiguous(), spec, shape)
+    if shape[0] and not _writable(out.data_ptr(), out[: shape[0]].nbytes):
+        raise ValueError("out is read-only")
     if spec.dtype == "bfloat16":
         view = out.detach().view(torch.int16).numpy().view(np.uint16)
     else:
         view = out.detach().numpy()
     return view[: shape[0]], out[: shape[0]]
+
+
+def _writable(address: int, nbytes: int) -> bool:
+    """Whether the first and last byte of [address, address + nbytes) are writable memory.
+
+    A tensor carries no read-only flag (torch.from_numpy drops NumPy's), so the memory itself is asked: the
+    kernel writes one byte there through readv, which fails with EFAULT on a read-only page where a store
+    from this process would crash it. The byte written is the one read, and rows we are about to fill.
+    """
+    if not hasattr(os, "readv") or not hasattr(os, "pipe"):
+        return True  # no way to ask without risking a crash (Windows)
+    read_end, write_end = os.pipe()
+    try:
+        for at in {address, address + nbytes - 1}:
+            os.write(write_end, ctypes.string_at(at, 1))
+            try:
+                os.readv(read_end, [(ctypes.c_char * 1).from_address(at)])
+            except OSError as e:
+                if e.errno == errno.EFAULT:
+                    return False
+                raise
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    return True
 
 
 def torch_dtype(spec: PreprocessSpec):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import os
 import re
 import urllib.request
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ._formats import sniff_format
 from .errors import ImageReadError, ImageTooLargeError, InvalidImageError
 from .inputs import read_file
 
@@ -29,7 +31,14 @@ def to_image_source(item: Any, *, max_bytes: int, allow_urls: bool = False, url_
     if isinstance(item, str):
         return _from_string(item, max_bytes=max_bytes, allow_urls=allow_urls, url_timeout=url_timeout)
     if hasattr(item, "read") and callable(item.read):
-        data = item.read(max_bytes + 1)
+        # A failing read is this item's error, not the batch's: a closed file raises ValueError, a read()
+        # without a size argument TypeError.
+        try:
+            data = item.read(max_bytes + 1)
+        except TypeError as e:
+            raise InvalidImageError(f"file objects need read(size): {e}") from None
+        except (OSError, ValueError) as e:
+            raise ImageReadError(f"cannot read file object: {e}") from None
         if not isinstance(data, (bytes, bytearray)):
             raise InvalidImageError("file objects must be opened in binary mode")
         if len(data) > max_bytes:
@@ -58,7 +67,16 @@ def _from_string(text: str, *, max_bytes: int, allow_urls: bool, url_timeout: fl
         return read_file(text, max_bytes)
     # Long, no dot, all in the base64 alphabet: an encoded image, not a missing file name.
     if len(text) >= 64 and _BASE64.match(text):
-        return _b64decode(text, max_bytes)
+        if "/" not in text and os.sep not in text:
+            return _b64decode(text, max_bytes)
+        # "/" is a base64 digit too (a JPEG's base64 starts "/9j/"): with separators in it, the text is an
+        # image only when it decodes to one; otherwise it is a missing path, reported as such.
+        try:
+            data = _b64decode(text, max_bytes)
+        except InvalidImageError:
+            data = b""
+        if sniff_format(data):
+            return data
     raise ImageReadError(f"no such file: {text[:200]!r}")
 
 
@@ -84,7 +102,8 @@ def _fetch(url: str, *, max_bytes: int, timeout: float) -> bytes:
             data = response.read(max_bytes + 1)
     except ImageTooLargeError:
         raise
-    except (OSError, ValueError) as e:
+    # HTTPException (InvalidURL, BadStatusLine, IncompleteRead...) is not an OSError.
+    except (OSError, ValueError, http.client.HTTPException) as e:
         raise ImageReadError(f"cannot fetch {url}: {e}") from None
     if len(data) > max_bytes:
         raise ImageTooLargeError(f"{url}: more than max_bytes={max_bytes} bytes")
@@ -97,6 +116,9 @@ def _from_tensor(tensor: Any) -> np.ndarray:
 
     if not isinstance(tensor, torch.Tensor):
         raise InvalidImageError(f"unsupported input type {type(tensor).__name__}")
+    # Meta tensors have no data and sparse ones no dense pixels: torch would raise NotImplementedError.
+    if tensor.device.type == "meta" or tensor.layout != torch.strided:
+        raise InvalidImageError(f"tensors must be dense with data, got layout {tensor.layout} on {tensor.device}")
     t = tensor.detach().cpu()
     if t.ndim == 3 and t.shape[0] in (1, 3, 4):
         t = t.permute(1, 2, 0)
@@ -105,6 +127,9 @@ def _from_tensor(tensor: Any) -> np.ndarray:
     if t.dtype == torch.uint8:
         return t.contiguous().numpy()
     if t.is_floating_point():
+        # NaN fails both comparisons below: without this check it would become some arbitrary pixel value.
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidImageError("float tensors must hold finite pixel values (found NaN or inf)")
         if t.numel() and (t.min() < 0 or t.max() > 1):
             raise InvalidImageError("float tensors must hold pixel values in [0, 1] (not normalised ones)")
         return (t * 255).round().to(torch.uint8).contiguous().numpy()
