@@ -1,5 +1,6 @@
 // JPEG through libjpeg-turbo's libjpeg API, for its reduced-size DCT and its partial decoding
 // (jpeg_crop_scanline, jpeg_skip_scanlines). One decompressor per worker thread, reused across images.
+#include <algorithm>
 #include <csetjmp>
 #include <cstdio>
 #include <cstring>
@@ -18,8 +19,15 @@ namespace {
 // Upsampling and IDCT read neighbours across block edges; a margin of two 16-pixel iMCUs around the
 // needed region keeps every needed pixel identical to a full decode.
 constexpr int kCropMargin = 32;
-// A progressive file with thousands of scans is a denial-of-service, not a photo.
-constexpr int kMaxScans = 500;
+// Each progressive scan is a pass over the whole image, so a few hundred scans of a huge image are seconds
+// of work for a tiny file: a budget of scans x pixels keeps any image under about a quarter of a second,
+// while real encoders' 6-20 scans always pass. The twin of _formats.jpeg_scan_limit.
+constexpr long long kMaxScans = 500;
+constexpr long long kScanPixelBudget = 1LL << 31;
+
+long long scan_limit(long long pixels) {
+  return std::max(16LL, std::min(kMaxScans, kScanPixelBudget / std::max(pixels, 1LL)));
+}
 
 struct ErrorManager {
   jpeg_error_mgr base;
@@ -42,9 +50,10 @@ void on_message(j_common_ptr cinfo, int level) {
 
 void on_progress(j_common_ptr cinfo) {
   auto* d = reinterpret_cast<j_decompress_ptr>(cinfo);
-  if (d->input_scan_number > kMaxScans) {
+  const long long limit = scan_limit(static_cast<long long>(d->image_width) * d->image_height);
+  if (d->input_scan_number > limit) {
     auto* err = reinterpret_cast<ErrorManager*>(cinfo->err);
-    std::snprintf(err->message, sizeof err->message, "more than %d progressive scans", kMaxScans);
+    std::snprintf(err->message, sizeof err->message, "more than %lld progressive scans", limit);
     std::longjmp(err->jump, 1);
   }
 }

@@ -208,3 +208,46 @@ def test_a_forked_child_can_preprocess_while_the_parent_was_busy(backend: str) -
         for t in workers:
             t.join()
     assert outcomes == [0] * 20, outcomes
+
+
+def progressive_with_repeated_scans(photo: bytes, repeats: int, size: tuple[int, int] | None = None) -> bytes:
+    """A real progressive JPEG whose last scan is repeated (a valid refinement of nothing new), optionally
+    with its frame header claiming another size."""
+    image = Image.open(io.BytesIO(photo)).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", progressive=True, quality=80)
+    data = bytearray(buffer.getvalue())
+    i, scans = 2, []
+    while data[i + 1] != 0xD9:
+        marker, (length,) = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])
+        if marker == 0xC2 and size is not None:
+            data[i + 5:i + 9] = struct.pack(">HH", size[1], size[0])
+        if marker == 0xDA:
+            j = i + 2 + length
+            while not (data[j] == 0xFF and data[j + 1] != 0 and not 0xD0 <= data[j + 1] <= 0xD7):
+                j += 1
+            scans.append((i, j))
+            i = j
+            continue
+        i += 2 + length
+    start, end = scans[-1]
+    return bytes(data[:end]) + bytes(data[start:end]) * repeats + b"\xff\xd9"
+
+
+def test_progressive_scans_are_budgeted_by_image_size(photo: bytes) -> None:
+    huge = progressive_with_repeated_scans(photo, 100, size=(9400, 9400))  # 88 MP: at most 24 scans
+    for backend in BACKENDS:
+        start = time.perf_counter()
+        ok, errors = outcome([photo, huge], backend)
+        assert time.perf_counter() - start < 1.0
+        assert ok == [True, False]
+        assert errors[1] == (DecodeError, "JPEG: more than 24 progressive scans")
+
+
+def test_many_scans_of_a_small_image_are_decoded_alike_and_too_many_refused(photo: bytes) -> None:
+    allowed = progressive_with_repeated_scans(photo, 300)  # about 310 scans of a 0.2 MP photo
+    results = [speciesclf.preprocess_batch([allowed], backend=b).array for b in BACKENDS]
+    assert np.array_equal(results[0], results[1])
+    refused = progressive_with_repeated_scans(photo, 600)
+    for backend in BACKENDS:
+        assert outcome([refused], backend)[1][0] == (DecodeError, "JPEG: more than 500 progressive scans")

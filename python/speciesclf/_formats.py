@@ -6,6 +6,7 @@ and which way up it goes, so neither relies on Pillow's more forgiving readers f
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 
@@ -72,8 +73,8 @@ def _jpeg_segments(data: bytes):
         if data[pos] != 0xFF:
             return
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
+        if marker == 0xFF:  # fill bytes: the whole run at once (a hostile file may hold millions)
+            pos = _FILL.match(data, pos).end() - 1
             continue
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             pos += 2
@@ -85,6 +86,52 @@ def _jpeg_segments(data: bytes):
             return
         yield marker, pos, pos + 2 + length
         pos += 2 + length
+
+
+_FILL = re.compile(rb"\xff+")
+# The next marker after entropy-coded data: 0xFF followed by neither a stuffed 0x00 nor a restart marker.
+_NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+_PROGRESSIVE_SOF = (0xC2, 0xC6, 0xCA, 0xCE)
+MAX_JPEG_SCANS = 500
+JPEG_SCAN_PIXEL_BUDGET = 2**31
+
+
+def jpeg_scan_limit(pixels: int) -> int:
+    """Most progressive scans a JPEG of ``pixels`` (full size) may have. Each scan is a pass over the whole
+    image, so a few hundred scans of a huge image are seconds of work for a tiny file: the budget keeps any
+    image under about a quarter of a second here while real encoders' 6-20 scans always pass.
+    The twin of scan_limit in csrc/jpeg_decode.cpp."""
+    return max(16, min(MAX_JPEG_SCANS, JPEG_SCAN_PIXEL_BUDGET // max(pixels, 1)))
+
+
+def jpeg_progressive_scans(data: bytes) -> int:
+    """The number of scans of a progressive JPEG (SOS markers, entropy-coded data skipped); 0 otherwise."""
+    pos, size, scans, progressive = 2, len(data), 0, False
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos = _FILL.match(data, pos).end() - 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 2
+            continue
+        if marker == 0xD9:
+            break
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker in _PROGRESSIVE_SOF:
+            progressive = True
+        pos += 2 + length
+        if marker == 0xDA:
+            if not progressive:
+                return 0
+            scans += 1
+            found = _NEXT_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+    return scans if progressive else 0
 
 
 def _is_exif_segment(data: bytes, marker: int, start: int, end: int) -> bool:

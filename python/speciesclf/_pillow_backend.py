@@ -123,6 +123,10 @@ def open_upright(
         image.draft(None, (width // reduction, height // reduction))
         if image.size != (-(-width // reduction), -(-height // reduction)):
             reduction = 1  # Pillow declined the draft: resize from the full image instead
+    if fmt == _formats.JPEG:
+        limit = _formats.jpeg_scan_limit(width * height)
+        if _formats.jpeg_progressive_scans(data) > limit:
+            raise DecodeError(f"JPEG: more than {limit} progressive scans")
     try:
         image.load()
         image = to_rgb(image)
