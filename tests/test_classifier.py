@@ -176,7 +176,11 @@ def test_hooks_are_called(model_file: Path, sample_photos):
     }
     with Classifier.load(model_file, labels="imagenet1k", hooks=hooks) as clf:
         clf.predict_batch(sample_photos[:3])
-    assert calls == [("load", "mobilenetv2-12-int8@0.0.0"), ("before", 3), ("after", 3)]
+        assert calls == [("load", "mobilenetv2-12-int8@0.0.0"), ("before", 3), ("after", 3)]
+        del calls[:]
+        # a stream shows the hooks each batch it forms (the CLI classifies through predict_iter)
+        assert len(list(clf.predict_iter(iter(sample_photos[:5]), batch_size=2))) == 5
+    assert calls == [("before", 2), ("after", 2), ("before", 2), ("after", 2), ("before", 1), ("after", 1)]
 
 
 def test_html_repr(imagenet: Classifier, sample_photos):

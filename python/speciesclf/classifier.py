@@ -332,7 +332,8 @@ class Classifier:
 
     def _predict_iter(self, iterable: Iterable[Any], *, batch_size: int, top_k: int, progress: bool,
                       on_error: str) -> Iterator[Prediction]:
-        stream = self._predict_stream(iterable, top_k=top_k, on_error=on_error, batch_size=batch_size)
+        stream = self._predict_stream(iterable, top_k=top_k, on_error=on_error, batch_size=batch_size,
+                                      hooks_per_batch=True)
         if not progress:
             yield from stream
             return
@@ -349,8 +350,8 @@ class Classifier:
         if self._closed:
             raise RuntimeError("Classifier is closed")
 
-    def _predict_stream(self, iterable: Iterable[Any], *, top_k: int, on_error: str,
-                        batch_size: int) -> Iterator[Prediction]:
+    def _predict_stream(self, iterable: Iterable[Any], *, top_k: int, on_error: str, batch_size: int,
+                        hooks_per_batch: bool = False) -> Iterator[Prediction]:
         self._check_open()  # again: a predict_iter generator may first run after close()
         engine = self._engine  # one version for the whole request
         # Every buffer has the rows of a full batch: a shorter tail reuses it instead of adding a shape.
@@ -370,10 +371,14 @@ class Classifier:
         while pending is not None:
             prepared = pending.result()
             pending = submit_next()  # prepared while this batch runs
+            if hooks_per_batch:  # a stream has no whole to show the hooks: each batch is shown instead
+                self._hook("before_predict", self, prepared["items"])
             try:
                 predictions = self._infer(engine, prepared, top_k)
             finally:
                 self._release_buffer(prepared["buffer"])
+            if hooks_per_batch:
+                self._hook("after_predict", self, predictions)
             for prediction in predictions:
                 if on_error == "raise" and prediction.error is not None:
                     raise prediction.error
