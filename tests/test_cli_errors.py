@@ -116,3 +116,97 @@ def test_bundle_inspect_of_a_manifest_json_cannot_parse(capsys, tmp_path: Path):
     manifest.write_text(good.replace('"num_outputs": null', '"num_outputs": 1000000000000'))
     rc = main(["bundle", "inspect", str(bundle)])  # before: MemoryError from set(range(num_outputs))
     _one_error_line(capsys, rc, "manifest.num_outputs: expected an integer in 1..16777216")
+
+
+# --- classify's output, whatever the file names and wherever it goes -----------------------------------------
+
+
+def _classify(args: list[str], shared_dir: Path, **kw) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPECIESCLF_WEIGHTS=str(shared_dir / "models"), PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, "-m", "speciesclf", "classify", *args], capture_output=True, env=env,
+                          timeout=120, **kw)
+
+
+@pytest.fixture()
+def odd_names(tmp_path: Path, sample_photos) -> Path:
+    import os
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    photo = sample_photos[0].read_bytes()
+    for name in (b"caf\xe9.jpg", b"new\nline.jpg", b"comma, \"quote\".jpg", b"plain.jpg"):
+        with open(os.path.join(os.fsencode(folder), name), "wb") as f:
+            f.write(photo)
+    return folder
+
+
+def test_odd_file_names_keep_one_row_each_in_every_format(odd_names: Path, shared_dir: Path) -> None:
+    import csv
+    import json
+
+    table = _classify([str(odd_names), "--model", "imagenet1k"], shared_dir)
+    assert table.returncode == 0, table.stderr.decode()
+    assert len(table.stdout.decode("utf-8").splitlines()) == 4  # a newline in a name does not split its row
+    rows = list(csv.reader(io.StringIO(_classify([str(odd_names), "--model", "imagenet1k", "--format", "csv"],
+                                                 shared_dir).stdout.decode("utf-8"))))
+    assert len(rows) == 5 and all(len(row) == 7 for row in rows)
+    names = sorted(Path(row[0]).name for row in rows[1:])
+    assert names == sorted(["caf\\xe9.jpg", "new\nline.jpg", 'comma, "quote".jpg', "plain.jpg"])
+    assert {row[1] for row in rows[1:]} == {"tench"}
+    out = _classify([str(odd_names), "--model", "imagenet1k", "--format", "json"], shared_dir).stdout
+    objects = [json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+               for line in out.decode("utf-8").splitlines()]
+    assert len(objects) == 4 and all(o["label"] == "tench" for o in objects)
+
+
+def test_a_path_the_os_cannot_look_up_fails_on_its_own_row(image: Path, shared_dir: Path) -> None:
+    result = _classify([str(image), "y" * 300 + ".jpg", "--model", "imagenet1k", "--format", "csv"], shared_dir)
+    rows = result.stdout.decode().splitlines()
+    assert result.returncode == 1 and len(rows) == 3, result.stderr.decode()
+    assert rows[2].endswith("File name too long") and "Traceback" not in result.stderr.decode()
+
+
+def test_a_reader_going_away_ends_the_run_quietly(shared_dir: Path, sample_photos) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPECIESCLF_WEIGHTS=str(shared_dir / "models"))
+    folder = str(sample_photos[0].parent)
+    with subprocess.Popen([sys.executable, "-m", "speciesclf", "classify", folder, "--model", "imagenet1k",
+                           "--format", "csv", "--batch-size", "8"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        proc.stdout.readline()
+        proc.stdout.close()  # like `| head -1`
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err.decode().strip() == "", err.decode()
+
+
+def test_ctrl_c_stops_without_a_traceback(shared_dir: Path, sample_photos) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, SPECIESCLF_WEIGHTS=str(shared_dir / "models"))
+    folder = str(sample_photos[0].parent)
+    with subprocess.Popen([sys.executable, "-m", "speciesclf", "classify", *[folder] * 12, "--model",
+                           "imagenet1k", "--batch-size", "8"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        proc.stdout.readline()  # classifying has begun (5,028 images: seconds of work left)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err.decode(), err.decode()
+
+
+def test_json_output_has_no_nan() -> None:
+    from speciesclf.cli import _finite_or_none
+
+    assert _finite_or_none({"score": float("nan"), "top_k": [{"score": float("inf")}, {"score": 0.5}]}) == \
+        {"score": None, "top_k": [{"score": None}, {"score": 0.5}]}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,14 +14,55 @@ __all__ = ["main"]
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
-def _image_paths(paths: list[str]) -> list[Path]:
+def _image_paths(paths: list[str], problems: list[str] | None = None) -> list[Path]:
+    """Files as given, and the image files inside folders. A path the OS cannot even look up is kept (its
+    row says why); a folder that cannot be walked to the end goes into ``problems``."""
     found: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file()))
-        else:
+        try:
+            is_dir = p.is_dir()
+        except OSError:  # e.g. a name too long: read_file reports it on the path's own row
+            is_dir = False
+        if not is_dir:
             found.append(p)
+            continue
+        inside: list[Path] = []
+        try:
+            for f in p.rglob("*"):
+                try:
+                    if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file():
+                        inside.append(f)
+                except OSError:
+                    inside.append(f)
+        except OSError as e:
+            if problems is not None:
+                problems.append(f"{_shown(p)}: cannot search the whole folder ({e.strerror or e})")
+        found.extend(sorted(inside))
     return found
+
+
+def _shown(path: Path | str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogates) as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+
+
+def _one_line(text: str) -> str:
+    """For the table: a newline or carriage return in a name must not split or overwrite its row."""
+    return text.translate(_CONTROL)
+
+
+def _finite_or_none(value):
+    """JSON has no NaN or infinity (a broken model can produce them): null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -43,6 +86,8 @@ def _one_line_errors(run):
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return run(args)
+        except BrokenPipeError:
+            raise  # the reader went away (| head): main() ends quietly
         except (ValueError, RuntimeError, OSError) as e:
             print(f"speciesclf: error: {e}", file=sys.stderr)
             return 1
@@ -85,34 +130,39 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     from .classifier import Classifier
 
-    paths = _image_paths(args.paths)
+    problems: list[str] = []
+    paths = _image_paths(args.paths, problems)
+    for problem in problems:
+        print(f"speciesclf: warning: {problem}", file=sys.stderr)
     if not paths:
         print("speciesclf: error: no images found", file=sys.stderr)
         return 1
     # Errors (no such model, no GPU, a model that is not valid ONNX, ...) reach _one_line_errors.
     clf = Classifier.load(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
                           precision=args.precision)
-    progress = sys.stderr.isatty() and not args.quiet
+    # The progress line goes to stderr; on the terminal that also shows the rows it would mix with them.
+    progress = sys.stderr.isatty() and not sys.stdout.isatty() and not args.quiet
     failed = 0
     writer = csv.writer(sys.stdout) if args.format == "csv" else None
     if writer:
         writer.writerow(["file", "label", "scientific_name", "score", "unknown", "top_k", "error"])
-    for path, p in zip(paths, clf.predict_iter(paths, top_k=args.top_k, progress=progress)):
+    for i, p in enumerate(clf.predict_iter(paths, top_k=args.top_k, progress=progress)):
+        name = _shown(paths[i])
         failed += not p.ok
         error = f"{type(p.error).__name__}: {p.error}" if p.error else ""
         top = "; ".join(f"{label} {score:.3f}" for label, score in p.top_k)
         if args.format == "json":
-            print(json.dumps({"file": str(path), **p.to_dict()}))
+            print(json.dumps(_finite_or_none({"file": name, **p.to_dict()}), allow_nan=False))
         elif writer:
-            writer.writerow([path, p.label or "", p.scientific_name or "", "" if p.score is None else f"{p.score:.4f}",
+            writer.writerow([name, p.label or "", p.scientific_name or "", "" if p.score is None else f"{p.score:.4f}",
                              p.unknown, top, error])
         else:
-            label = error or ("unknown" if p.unknown else p.label)
+            label = _one_line(error) or ("unknown" if p.unknown else p.label)
             score = "" if p.score is None else f"{p.score:.3f}"
-            print(f"{str(path):<50} {label:<32} {score:>6}  {'' if p.error else top}")
+            print(f"{_one_line(name):<50} {label:<32} {score:>6}  {'' if p.error else top}")
     if failed:
         print(f"{failed} of {len(paths)} images could not be classified", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve_command(sub)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: stop without a traceback, with the shell's status for SIGINT
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say, and nowhere to say it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 # ------------------------------------------------------------------------------------------------
