@@ -318,19 +318,18 @@ def test_unusable_request_ids_are_replaced(server, given: str) -> None:
 
 def test_warnings_and_uvicorn_lines_go_out_as_json(capsys) -> None:
     stream = io.StringIO()
-    handler = configure_logging(stream=stream)
+    touched = ("speciesclf.serve", "py.warnings", "uvicorn", "uvicorn.error", "uvicorn.access")
     saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate,
-                    logging.getLogger(name).level) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")}
+                    logging.getLogger(name).level) for name in touched}
+    configure_logging(stream=stream)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn("Corrupt EXIF data", UserWarning, stacklevel=1)
         logging.config.dictConfig(uvicorn_log_config("info"))
         logging.getLogger("uvicorn.error").info("Started server process")
-    finally:
+    finally:  # the process's logging as it was, for the tests that come after
         logging.captureWarnings(False)
-        logger.removeHandler(handler)
-        logging.getLogger("py.warnings").removeHandler(handler)
         for name, (handlers, propagate, level) in saved.items():
             log = logging.getLogger(name)
             log.handlers[:] = handlers

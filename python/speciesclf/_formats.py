@@ -6,6 +6,7 @@ and which way up it goes, so neither relies on Pillow's more forgiving readers f
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import zlib
@@ -66,28 +67,6 @@ def _tiff_orientation(tiff: bytes) -> int:
     return 1
 
 
-def _jpeg_segments(data: bytes):
-    """(marker, start, end) of each marker segment before the image data, as csrc/exif.cpp walks them."""
-    pos, size = 2, len(data)
-    while pos + 4 <= size:
-        if data[pos] != 0xFF:
-            return
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill bytes: the whole run at once (a hostile file may hold millions)
-            pos = _FILL.match(data, pos).end() - 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            pos += 2
-            continue
-        if marker in (0xDA, 0xD9):  # entropy-coded data starts: no EXIF after it
-            return
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if length < 2 or pos + 2 + length > size:
-            return
-        yield marker, pos, pos + 2 + length
-        pos += 2 + length
-
-
 _FILL = re.compile(rb"\xff+")
 # The next marker after entropy-coded data: 0xFF followed by neither a stuffed 0x00 nor a restart marker.
 _NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
@@ -104,34 +83,53 @@ def jpeg_scan_limit(pixels: int) -> int:
     return max(16, min(MAX_JPEG_SCANS, JPEG_SCAN_PIXEL_BUDGET // max(pixels, 1)))
 
 
-def jpeg_progressive_scans(data: bytes) -> int:
-    """The number of scans of a progressive JPEG (SOS markers, entropy-coded data skipped); 0 otherwise."""
-    pos, size, scans, progressive = 2, len(data), 0, False
+def jpeg_markers(data: bytes):
+    """(marker, start, end) of each marker of a JPEG, in order, through every scan up to EOI: fill bytes are
+    skipped a run at once and a scan's entropy-coded data up to the next marker, so a hostile file cannot
+    make this step byte by byte. Markers without a length (RSTn, TEM) come as (marker, start, start + 2).
+    Stops at the first thing that is not a marker, or at a segment running past the end."""
+    pos, size = 2, len(data)
     while pos + 4 <= size:
         if data[pos] != 0xFF:
-            break
+            return
         marker = data[pos + 1]
         if marker == 0xFF:
             pos = _FILL.match(data, pos).end() - 1
             continue
+        if marker == 0xD9:
+            return
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            yield marker, pos, pos + 2
             pos += 2
             continue
-        if marker == 0xD9:
-            break
         (length,) = struct.unpack_from(">H", data, pos + 2)
-        if marker in _PROGRESSIVE_SOF:
-            progressive = True
+        if length < 2 or pos + 2 + length > size:
+            return
+        yield marker, pos, pos + 2 + length
         pos += 2 + length
         if marker == 0xDA:
+            found = _NEXT_MARKER.search(data, pos)
+            if found is None:
+                return
+            pos = found.start()
+
+
+def _jpeg_segments(data: bytes):
+    """The markers before the image data, as csrc/exif.cpp walks them (EXIF is never after the first scan)."""
+    return itertools.takewhile(lambda segment: segment[0] != 0xDA, jpeg_markers(data))
+
+
+def jpeg_progressive_scans(data: bytes) -> int:
+    """The number of scans of a progressive JPEG; 0 for any other JPEG."""
+    scans, progressive = 0, False
+    for marker, _, _ in jpeg_markers(data):
+        if marker in _PROGRESSIVE_SOF:
+            progressive = True
+        elif marker == 0xDA:
             if not progressive:
                 return 0
             scans += 1
-            found = _NEXT_MARKER.search(data, pos)
-            if found is None:
-                break
-            pos = found.start()
-    return scans if progressive else 0
+    return scans
 
 
 def _is_exif_segment(data: bytes, marker: int, start: int, end: int) -> bool:

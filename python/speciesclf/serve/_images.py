@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import itertools
 import re
 import struct
 import warnings
 
-from .._formats import sniff_format
+from .._formats import jpeg_markers, sniff_format
 
 __all__ = ["ApiError", "decode_base64", "check_image", "image_dimensions"]
 
@@ -58,35 +59,20 @@ def decode_base64(value: object, field: str = "image") -> bytes:
     raise ApiError(400, "invalid_base64", f"{field}: invalid base64 (characters outside the base64 alphabet)")
 
 
-# Real files have a dozen segments before the frame header; a hostile one may hold millions of fill bytes or
-# empty markers, and this runs on the event loop: past this many segments the decoder decides (in C).
-_JPEG_MAX_SEGMENTS = 256
-_FILL = re.compile(rb"\xff+")
+# Real files have a dozen markers before the frame header; a hostile one may hold millions of empty ones,
+# and this runs on the event loop: past this many the decoder decides (in C).
+_JPEG_MAX_MARKERS = 256
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i = 2
-    n = len(data)
-    for _ in range(_JPEG_MAX_SEGMENTS):
-        fill = _FILL.match(data, i)
-        if fill is None:
-            return None  # not a marker where one must be
-        i = fill.end() - 1  # the last 0xFF of a run of fill bytes starts the marker
-        if i + 4 > n:
+    for marker, start, end in itertools.islice(jpeg_markers(data), _JPEG_MAX_MARKERS):
+        if marker == 0xDA:  # the first scan: no frame header came before it
             return None
-        marker = data[i + 1]
-        if marker in (0x01, *range(0xD0, 0xD8)):  # no length field
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, or the scan: no frame header came first
-            return None
-        (length,) = struct.unpack_from(">H", data, i + 2)
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > n:
+            if end - start < 9:
                 return None
-            height, width = struct.unpack_from(">HH", data, i + 5)
+            height, width = struct.unpack_from(">HH", data, start + 5)
             return width, height
-        i += 2 + length
     return None
 
 
