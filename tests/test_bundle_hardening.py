@@ -408,3 +408,57 @@ def test_resolve_refuses_an_alias_that_is_not_a_version(tmp_path: Path):
     (registry.root / "tiny" / "aliases.json").write_text(json.dumps({"production": "../../../outside"}))
     with pytest.raises(RegistryError, match="is not a version"):
         registry.resolve("tiny")
+
+
+# --- a model whose scores are NaN for some images -------------------------------------------------------
+
+
+def _sqrt_model(width: int) -> bytes:
+    """Like _onnx_model, but through Sqrt of the channel means: NaN scores for a dark image (its normalised
+    means are negative), finite ones for a bright image."""
+    weight = np.arange(3 * width, dtype=np.float32).reshape(3, width) / (3 * width)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input"], ["means"], axes=[2, 3], keepdims=0),
+            helper.make_node("Sqrt", ["means"], ["roots"]),
+            helper.make_node("MatMul", ["roots", "weight"], ["output"]),
+        ],
+        "nan_for_dark_images",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor("weight", TensorProto.FLOAT, [3, width], weight.ravel().tolist())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_nan_scores_fail_their_image_alone(tmp_path: Path):
+    # Before: NaN scores sorted into some label, reported as an ordinary prediction with a NaN score.
+    from speciesclf import ModelOutputError
+
+    path = _bundle(tmp_path, _sqrt_model(3), [Label(i, f"c{i}") for i in range(3)])
+    bright, dark = np.full((40, 40, 3), 250, np.uint8), np.zeros((40, 40, 3), np.uint8)
+    with Classifier.load(path) as clf:
+        first, broken, last = clf.predict_batch([bright, dark, bright])
+        assert first.ok and last.ok and np.isfinite(first.score)
+        assert isinstance(broken.error, ModelOutputError) and broken.label is None and broken.top_k == []
+        assert "not finite" in str(broken.error) and broken.to_dict()["error"]
+        with pytest.raises(ModelOutputError, match="not finite"):
+            clf.predict(dark, on_error="raise")
+
+
+def test_postprocessor_flags_rows_that_are_not_finite():
+    from speciesclf.postprocess import PostProcessor
+
+    outputs = np.array([[1.0, 2.0], [np.nan, 0.0], [np.inf, 1.0], [-np.inf, 1.0]])
+    for kind in ("logits", "probabilities"):
+        assert PostProcessor(output_kind=kind)(outputs).finite.tolist() == [True, False, False, False]
+
+
+def test_the_service_answers_nan_scores_as_its_own_failure():
+    from speciesclf import ModelOutputError
+    from speciesclf.serve._images import error_for_prediction
+
+    error = error_for_prediction(ModelOutputError("scores are not finite"))
+    assert (error.status, error.code) == (500, "model_error")

@@ -86,14 +86,17 @@ def test_backend_choice_is_checked(exported):
         Classifier.load(exported["torchscript"], labels=LABELS, backend="onnxruntime")
 
 
-def test_entry_point_plugin_adds_a_format(tmp_path, monkeypatch):
-    """A package that declares a `speciesclf.loaders` entry point teaches Classifier a new model format."""
+def _install_npy_plugin(tmp_path, monkeypatch, before_load: str = "") -> None:
+    """A package `npyloader` declaring a `speciesclf.loaders` entry point for `.npy` weight files.
+    ``before_load`` is Python run by its loader first (``path`` is the path it was given)."""
     site = tmp_path / "site"
     (site / "npyloader-0.1.dist-info").mkdir(parents=True)
     (site / "npyloader-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: npyloader\nVersion: 0.1\n")
     (site / "npyloader-0.1.dist-info" / "entry_points.txt").write_text("[speciesclf.loaders]\nnpy = npyloader:load\n")
     (site / "npyloader.py").write_text(textwrap.dedent('''
         import numpy as np
+
+        seen = []
 
         class _MeanColour:
             name, device = "npy-linear", "cpu"
@@ -103,20 +106,76 @@ def test_entry_point_plugin_adds_a_format(tmp_path, monkeypatch):
                 return batch.mean(axis=(2, 3)) @ self.weights
 
         def load(path, *, device, threads):
+            seen.append(path)
+            BEFORE_LOAD
             return _MeanColour(np.load(path))
         load.suffixes = (".npy",)
-    '''))
+    ''').replace("BEFORE_LOAD", before_load or "pass"))
     monkeypatch.syspath_prepend(str(site))
-    weights = tmp_path / "colours.npy"
-    np.save(weights, np.array([[1.0, -1.0], [0.0, 0.0], [-1.0, 1.0]], dtype=np.float32))  # red vs blue
-    clf = Classifier.load(weights, labels=["red", "blue"])
-    assert clf._engine.runtime.name == "npy-linear"
+    sys.modules.pop("npyloader", None)
+
+
+def _red_and_blue() -> list[np.ndarray]:
     red = np.zeros((64, 64, 3), np.uint8)
     red[..., 0] = 250
     blue = np.zeros((64, 64, 3), np.uint8)
     blue[..., 2] = 250
-    assert [p.label for p in clf.predict_batch([red, blue])] == ["red", "blue"]
+    return [red, blue]
+
+
+RED_VS_BLUE = np.array([[1.0, -1.0], [0.0, 0.0], [-1.0, 1.0]], dtype=np.float32)
+
+
+def test_entry_point_plugin_adds_a_format(tmp_path, monkeypatch):
+    """A package that declares a `speciesclf.loaders` entry point teaches Classifier a new model format."""
+    _install_npy_plugin(tmp_path, monkeypatch)
+    weights = tmp_path / "colours.npy"
+    np.save(weights, RED_VS_BLUE)
+    clf = Classifier.load(weights, labels=["red", "blue"])
+    assert clf._engine.runtime.name == "npy-linear"
+    assert [p.label for p in clf.predict_batch(_red_and_blue())] == ["red", "blue"]
     sys.modules.pop("npyloader", None)
+
+
+def test_plugin_loads_the_checked_bytes_of_a_bundle(tmp_path, monkeypatch):
+    """A bundle's model file replaced after its sha256 check (here: by the time the plugin opens it) must
+    not be what runs. Before, plugins got the bundle's own path and loaded the replacement."""
+    import gc
+
+    weights = tmp_path / "colours.npy"
+    np.save(weights, RED_VS_BLUE)
+    bundle = speciesclf.create_bundle(tmp_path / "bundle", model_file=weights, framework="npy",
+                                      labels=[speciesclf.Label(0, "red"), speciesclf.Label(1, "blue")],
+                                      name="colours", version="1.0.0", preprocess=PreprocessSpec(size=32, resize=None))
+    swapped = tmp_path / "swapped.npy"
+    np.save(swapped, -RED_VS_BLUE)  # every answer the wrong way round
+    target = Path(bundle) / "model.npy"
+    assert target.exists()
+    _install_npy_plugin(tmp_path, monkeypatch, before_load=f"import shutil; shutil.copyfile({str(swapped)!r}, "
+                                                           f"{str(target)!r})")
+    clf = Classifier.load(bundle)
+    import npyloader
+
+    (given,) = npyloader.seen
+    assert Path(given) != target and Path(given).name == "model.npy"
+    assert [p.label for p in clf.predict_batch(_red_and_blue())] == ["red", "blue"]
+    # The private copy lives as long as the runtime.
+    assert Path(given).exists()
+    clf.close()
+    del clf
+    gc.collect()
+    assert not Path(given).parent.exists()
+    sys.modules.pop("npyloader", None)
+
+
+def test_bundle_of_a_plugin_format_without_the_plugin_says_so(tmp_path):
+    weights = tmp_path / "colours.npy"
+    np.save(weights, RED_VS_BLUE)
+    bundle = speciesclf.create_bundle(tmp_path / "bundle", model_file=weights, framework="npy",
+                                      labels=[speciesclf.Label(0, "red"), speciesclf.Label(1, "blue")],
+                                      name="colours", version="1.0.0")
+    with pytest.raises(ValueError, match="no runtime for framework 'npy' .*speciesclf.loaders plugin"):
+        Classifier.load(bundle)
 
 
 def test_onnx_runtime_runs_large_batches_in_slices(shared_dir):

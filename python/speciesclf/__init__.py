@@ -20,6 +20,7 @@ from .errors import (
     ImageReadError,
     ImageTooLargeError,
     InvalidImageError,
+    ModelOutputError,
     UnsupportedFormatError,
 )
 from .info import build_info, info
@@ -41,6 +42,7 @@ __all__ = [
     "ImageReadError",
     "ImageTooLargeError",
     "InvalidImageError",
+    "ModelOutputError",
     "Label",
     "Manifest",
     "Prediction",

@@ -288,7 +288,7 @@ class Manifest:
 
     name: str
     version: str
-    framework: Literal["onnx", "torchscript", "torch-export"]
+    framework: str  # "onnx", "torchscript", "torch-export", or a speciesclf.loaders plugin's name
     model_file: str
     model_sha256: str
     labels_file: str
@@ -318,8 +318,11 @@ class Manifest:
             raise _fail("name", "a name matching ^[a-z0-9][a-z0-9._-]{0,63}$", self.name)
         if not is_semver(self.version):
             raise _fail("version", "a semantic version MAJOR.MINOR.PATCH[-prerelease][+build]", self.version)
-        if self.framework not in FRAMEWORKS:
-            raise _fail("framework", f"one of {list(FRAMEWORKS)}", self.framework)
+        # Other formats come from speciesclf.loaders plugins, named like bundles; whether one is installed is
+        # a question for load time, not for reading the manifest.
+        if self.framework not in FRAMEWORKS and not is_valid_name(self.framework):
+            raise _fail("framework", f"one of {list(FRAMEWORKS)} or a speciesclf.loaders plugin's name",
+                        self.framework)
         put("model_file", _check_relpath("model_file", self.model_file))
         if not isinstance(self.model_sha256, str) or not _SHA256_RE.fullmatch(self.model_sha256):
             raise _fail("model_sha256", "64 lowercase hex digits", self.model_sha256)

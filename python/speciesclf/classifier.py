@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 
 from .bundle import BundleError
-from .errors import ImageError
+from .errors import ImageError, ModelOutputError
 from .postprocess import PostProcessor
 from .preprocess import preprocess_batch
 from .runtimes import framework_for_file, load_runtime
@@ -42,7 +42,7 @@ class Prediction:
     unknown: bool
     model: str  # name@version
     timings: dict[str, float]  # decode_ms, preprocess_ms, inference_ms
-    error: ImageError | None = None
+    error: ImageError | ModelOutputError | None = None
     scientific_name: str | None = None
     _source: Any = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -464,6 +464,11 @@ class Classifier:
                 predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, errors[i], None, source))
                 continue
             row = row_of[i]
+            if not scores.finite[row]:  # NaN scores would still sort into some label: never report one
+                error = ModelOutputError(f"the model's scores for this image are not finite (NaN or infinity); "
+                                         f"the model {engine.ref} or its runtime is broken")
+                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, error, None, source))
+                continue
             probabilities = scores.probabilities[row]
             order = np.argsort(-probabilities, kind="stable")[:k]
             best = int(order[0])
@@ -601,7 +606,7 @@ def _engine_from_bundle(bundle: Any, *, device: str, backend: str, threads: int 
                          max_subset=None if m.label_subset is None else max(m.label_subset))
     check.check_labels()
     # The bytes are hashed and loaded from one read: checking the path and letting the runtime reopen it
-    # would load whatever replaced the file in between. (Plugin runtimes still get the path.)
+    # would load whatever replaced the file in between (plugin runtimes get a private copy of those bytes).
     runtime = load_runtime(bundle.model_path, m.framework, backend=backend, device=device, threads=threads,
                            options=options, data=bundle.read_model())
     _check_static_width(runtime, check)

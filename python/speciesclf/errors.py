@@ -12,6 +12,7 @@ __all__ = [
     "ImageReadError",
     "CudaUnavailableError",
     "GpuError",
+    "ModelOutputError",
 ]
 
 
@@ -49,6 +50,11 @@ class CudaUnavailableError(RuntimeError):
 
 class GpuError(RuntimeError):
     """The GPU failed a whole batch (a CUDA error, out of device memory). Image errors stay per item."""
+
+
+class ModelOutputError(RuntimeError):
+    """The model's scores for one item are not finite numbers (NaN or infinity): a broken model or runtime,
+    not a bad image. Reported on that item's prediction; the rest of the batch is unaffected."""
 
 
 # Status codes of csrc/status.h. kCodecUnavailable (3) never reaches users: Pillow decodes those items.

@@ -15,6 +15,7 @@ class Scores:
     probabilities: np.ndarray  # (N, K) over the reported classes, rows sum to 1
     unknown: np.ndarray        # (N,) bool
     evidence: np.ndarray       # (N,) what the unknown rule looked at (subset mass or top probability)
+    finite: np.ndarray         # (N,) bool: the row's outputs were all finite (else its probabilities are not)
 
 
 class PostProcessor:
@@ -54,19 +55,22 @@ class PostProcessor:
         outputs = np.asarray(outputs, dtype=np.float64)
         if outputs.ndim != 2:
             raise ValueError(f"model outputs must be (batch, classes), got shape {outputs.shape}")
-        if self.output_kind == "logits":
-            z = outputs / self.temperature
-            z -= z.max(axis=1, keepdims=True)
-            probabilities = np.exp(z)
-            probabilities /= probabilities.sum(axis=1, keepdims=True)
-        else:
-            probabilities = outputs
-        if self.subset is not None:
-            kept = probabilities[:, self.subset]
-            mass = kept.sum(axis=1)
-            probabilities = kept / np.maximum(mass, 1e-12)[:, None]
-        else:
-            mass = probabilities.sum(axis=1)
+        finite = np.isfinite(outputs).all(axis=1)
+        # A row with NaN or infinite outputs is flagged by `finite`; its arithmetic here warns for nothing.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            if self.output_kind == "logits":
+                z = outputs / self.temperature
+                z -= z.max(axis=1, keepdims=True)
+                probabilities = np.exp(z)
+                probabilities /= probabilities.sum(axis=1, keepdims=True)
+            else:
+                probabilities = outputs
+            if self.subset is not None:
+                kept = probabilities[:, self.subset]
+                mass = kept.sum(axis=1)
+                probabilities = kept / np.maximum(mass, 1e-12)[:, None]
+            else:
+                mass = probabilities.sum(axis=1)
         top = probabilities.max(axis=1)
         if self.unknown_method == "subset_mass":
             evidence = mass
@@ -76,4 +80,4 @@ class PostProcessor:
             unknown = np.zeros(len(outputs), dtype=bool)
         else:
             unknown = evidence < self.unknown_threshold
-        return Scores(probabilities, unknown, evidence)
+        return Scores(probabilities, unknown, evidence, finite)

@@ -8,6 +8,11 @@ The ``suffixes`` attribute of the loader (a tuple like ``(".tflite",)``) lets ra
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+import weakref
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -54,14 +59,15 @@ def load_runtime(path: str | Path, framework: str, *, backend: str = "auto", dev
     ``options`` go to the runtime: for torch, ``dtype`` ("float32", "float16" or "bfloat16", the last two
     on GPUs) and ``channels_last``. ``data``, when given, is the model file's content already read (and
     checked against a bundle's sha256): the built-in runtimes load it instead of reopening ``path``, which
-    then only names the model in messages. Plugins get ``path``. A model the runtime cannot parse raises
+    then only names the model in messages. Plugins take a path: with ``data`` they get a private copy of
+    the checked bytes, kept while the runtime lives. A model the runtime cannot parse raises
     :class:`ModelLoadError`.
     """
     options = dict(options or {})
     if backend not in ("auto", "onnxruntime", "torch"):
         plugins = _plugin_loaders()
         if backend in plugins:
-            return plugins[backend].load()(path, device=device, threads=threads)
+            return _load_plugin(plugins[backend], path, data, device=device, threads=threads)
         raise ValueError(f"backend must be 'auto', 'onnxruntime', 'torch' or a speciesclf.loaders plugin, got {backend!r}")
     if framework == "onnx":
         if backend == "torch":
@@ -77,5 +83,30 @@ def load_runtime(path: str | Path, framework: str, *, backend: str = "auto", dev
         return TorchRuntime(path, framework=framework, device=device, threads=threads, data=data, **options)
     plugins = _plugin_loaders()
     if framework in plugins:
-        return plugins[framework].load()(path, device=device, threads=threads)
+        return _load_plugin(plugins[framework], path, data, device=device, threads=threads)
     raise ValueError(f"no runtime for framework {framework!r} (install a speciesclf.loaders plugin for it)")
+
+
+def _load_plugin(entry_point: Any, path: str | Path, data: bytes | None, *, device: str,
+                 threads: int | None) -> Runtime:
+    """A plugin opens the path it is given; handing it the bundle's own path would load whatever replaced
+    the file after its sha256 was checked. So it gets a copy of the checked bytes in a private directory,
+    removed when the runtime is collected (or at exit, for runtimes that take no weak references)."""
+    loader = entry_point.load()
+    if data is None:
+        return loader(path, device=device, threads=threads)
+    directory = tempfile.mkdtemp(prefix="speciesclf-model-")
+    try:
+        copy = Path(directory) / Path(path).name  # the same name: plugins may look at the suffix
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        runtime = loader(str(copy), device=device, threads=threads)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    try:
+        weakref.finalize(runtime, shutil.rmtree, directory, True)
+    except TypeError:
+        atexit.register(shutil.rmtree, directory, True)
+    return runtime

@@ -149,6 +149,8 @@ _ERROR_CODES = {
     "ImageTooLargeError": (422, "image_too_large"),
     "InvalidImageError": (422, "decode_error"),
     "ImageReadError": (422, "decode_error"),
+    # Not the client's fault: a model whose scores are NaN is broken (counted as a server error).
+    "ModelOutputError": (500, "model_error"),
 }
 
 
