@@ -22,6 +22,11 @@ duration (8 s; --quick 4 s); throughput counts the 200 answers completed in that
 theirs (send to answer). Rounds interleave the servers (each round starting one server later); the table gives medians over
 the rounds (3; --quick 1).
 
+Ceiling: once per round, server a)'s classifier (loaded as the service loads it) runs in a process of its own,
+fed batches of the service's max_batch_size from the same photos back to back, with no HTTP and no load
+generator: the most any server of this classifier could answer on these cores, against which a) and the
+2x-over-c) target are read.
+
 Overload: a) is driven open-loop at --overload-factor (4) x the best throughput it reached in the closed-loop
 rounds, for 4 s (--quick 3 s), every request with X-Request-Timeout-Ms: 2000. Every request must be answered
 (200, 429, 503 or 504; no 500, no connection error) within the deadline + 100 ms (the open-loop generator
@@ -45,7 +50,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import json
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -296,6 +303,50 @@ def measure_cell(server: Server, datas, clients, warmup, duration, load: Foreign
     return cell
 
 
+# ------------------------------------------------------------------------------------------ ceiling: no HTTP
+
+CEILING_SCRIPT = '''
+"""server a)'s classifier, loaded as the service loads it, fed batches of max_batch_size back to back."""
+import json, os, sys, time
+from pathlib import Path
+from speciesclf.serve import ServeConfig
+from speciesclf.serve.app import _load_classifier
+
+paths, warmup, duration = sys.argv[3:], float(sys.argv[1]), float(sys.argv[2])
+datas = [Path(p).read_bytes() for p in paths]
+size = ServeConfig().max_batch_size
+clf = _load_classifier("imagenet1k")
+batches = [[datas[(i + j) % len(datas)] for j in range(size)] for i in range(0, len(datas), size)]
+t_end = time.perf_counter() + warmup
+while time.perf_counter() < t_end:
+    for b in batches:
+        clf.predict_batch(b)
+n, c0, t0 = 0, time.process_time(), time.perf_counter()
+while time.perf_counter() - t0 < duration:
+    for b in batches:
+        n += sum(p.ok for p in clf.predict_batch(b))
+wall = time.perf_counter() - t0
+print(json.dumps({"img_per_s": n / wall, "cores": (time.process_time() - c0) / wall}))
+'''
+
+
+def measure_ceiling(tmp: Path, paths: list[Path], warmup: float, duration: float, load: ForeignLoad) -> dict:
+    """Server a)'s classifier in a process of its own, without HTTP: what a) could answer at most."""
+    script = tmp / "ceiling.py"
+    script.write_text(textwrap.dedent(CEILING_SCRIPT), encoding="utf-8")
+    model = shared_dir() / "models"
+    env = dict(os.environ, SPECIESCLF_WEIGHTS=str(model), SPECIESCLF_HOME=str(tmp / "home"))
+    a, child0 = load.sample(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([sys.executable, str(script), str(warmup), str(duration), *map(str, paths)], env=env,
+                         capture_output=True, text=True, check=True)
+    b, child1 = load.sample(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cell = json.loads(out.stdout.strip().splitlines()[-1])
+    wall = b[0] - a[0]
+    child = (child1.ru_utime + child1.ru_stime - child0.ru_utime - child0.ru_stime) / wall
+    cell["foreign_cores"] = max(0.0, (b[1] - a[1]) / wall - (b[2] - a[2]) / wall - child)
+    return cell
+
+
 # ------------------------------------------------------------------------------------------ load: overload
 
 
@@ -446,6 +497,14 @@ def render(results: dict) -> tuple[str, list[str]]:
             )
     a, b, c = (s[n]["32"] for n in SERVERS)
     ac, ab = a["req_per_s"] / c["req_per_s"], a["req_per_s"] / b["req_per_s"]
+    ceiling = s["ceiling"]
+    lines += [
+        "",
+        f"Ceiling without HTTP: server a)'s classifier, loaded as the service loads it, in a process of its own, fed "
+        f"batches of its max_batch_size back to back (the 50 photos in memory, no load generator): "
+        f"{ceiling['img_per_s']:.0f} img/s using {ceiling['cores']:.2f} cores (median of {len(ceiling['cells'])} "
+        "rounds). No server of this classifier can answer more on these cores.",
+    ]
     checks = []
 
     def check(text: str, ok: bool, shown: str) -> None:
@@ -474,12 +533,16 @@ def render(results: dict) -> tuple[str, list[str]]:
                       "and were rerun (or kept when no quiet one came)")
     ratios = [
         f"- at 32 clients: a) = {ac:.2f}× c), {ab:.2f}× b) in req/s; b) = {b['req_per_s'] / c['req_per_s']:.2f}× c)",
+        f"- ceiling without HTTP = {ceiling['img_per_s'] / c['req_per_s']:.2f}× c) at 32 clients; a) at 32 clients "
+        f"reaches {100 * a['req_per_s'] / ceiling['img_per_s']:.0f}% of it (HTTP, the event loop and the load "
+        "generator take the rest)",
         f"- best closed-loop throughput of a): {o['best_rate']:.0f} req/s; overload: a) driven open-loop at "
         f"{o['target_rate']:.0f} req/s ({results['overload_factor']:.0f}×) for {o['duration_s']:.0f} s, sent at "
         f"{o['sent_rate']:.0f} req/s, X-Request-Timeout-Ms: {DEADLINE_MS}",
     ]
     lines += ["", "Ratios (same run):", *ratios, "", "Target checks:", *checks, ""]
-    worst = max(s[n][str(c)]["foreign_max"] for n in SERVERS for c in CONCURRENCY)
+    worst = max([s[n][str(c)]["foreign_max"] for n in SERVERS for c in CONCURRENCY]
+                + [c["foreign_cores"] for c in ceiling["cells"]])
     lines += [
         f"CPU used by other processes (not the load generator, not the server under test) during the measurements "
         f"behind the medians (cores, worst): {worst:.2f}. Server / client cores = that process's CPU time over "
@@ -532,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = [float(args.max_wait)]
         cells: dict[str, dict[str, list[dict]]] = {n: {str(c): [] for c in CONCURRENCY} for n in SERVERS}
         busy_cells = 0
+        ceilings: list[dict] = []
         for r in range(repeats):
             order = SERVERS[r % 3:] + SERVERS[: r % 3]
             for name in order:
@@ -548,7 +612,14 @@ def main(argv: list[str] | None = None) -> int:
                         if not cell["busy"]:
                             break
                         busy_cells += 1
+            load.wait_idle(budget, args.idle_threshold, log)
+            cell = measure_ceiling(tmp, paths, warmup, duration, load)
+            ceilings.append(cell)
+            log(f"[bench] round {r + 1} ceiling (no HTTP): {cell['img_per_s']:.1f} img/s, {cell['cores']:.2f} cores, "
+                f"other {cell['foreign_cores']:.2f}")
         summary = {n: {c: summarize(v) for c, v in per.items()} for n, per in cells.items()}
+        summary["ceiling"] = {"img_per_s": med([c["img_per_s"] for c in ceilings]),
+                              "cores": med([c["cores"] for c in ceilings]), "cells": ceilings}
 
         best = max(summary[BATCHED][str(c)]["req_per_s"] for c in CONCURRENCY)
         normal_ms = max(50.0, 3 * summary[BATCHED]["1"]["p50_ms"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -179,18 +181,67 @@ def test_bundle_of_a_plugin_format_without_the_plugin_says_so(tmp_path):
 
 
 def test_onnx_runtime_runs_large_batches_in_slices(shared_dir):
-    # Slicing is a speed choice only: the outputs must be those of one run over the whole batch.
+    # Slicing and side-by-side runs are speed choices only: the outputs must be those of one run over the
+    # whole batch, in the same order.
     from speciesclf.runtimes.ort import OnnxRuntime
 
     model = shared_dir / "models" / "mobilenetv2-12-int8.onnx"
-    whole = OnnxRuntime(model, device="cpu", threads=2, run_batch=0)
-    sliced = OnnxRuntime(model, device="cpu", threads=2, run_batch=3)
+    whole = OnnxRuntime(model, device="cpu", threads=2, run_batch=0, parallel_runs=False)
+    sliced = OnnxRuntime(model, device="cpu", threads=2, run_batch=3, parallel_runs=False)
+    side_by_side = OnnxRuntime(model, device="cpu", threads=2, run_batch=3, parallel_runs=True)
     assert OnnxRuntime(model, device="cpu").run_batch == 8  # the CPU default
     batch = np.random.default_rng(0).normal(size=(7, 3, 224, 224)).astype(np.float32)
     expected = whole.run(batch)
     assert expected.shape == (7, 1000)
-    # (equal here; a tolerance in case a CPU's kernels differ with the batch size)
-    np.testing.assert_allclose(sliced.run(batch), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(sliced.run(batch[:2]), expected[:2], rtol=1e-5, atol=1e-5)
+    # (equal here; a tolerance in case a CPU's kernels differ with the batch size or the thread count)
+    for runtime in (sliced, side_by_side):
+        for n in (7, 2, 1):
+            np.testing.assert_allclose(runtime.run(batch[:n]), expected[:n], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="run_batch"):
         OnnxRuntime(model, device="cpu", run_batch=-1)
+    with pytest.raises(ValueError, match="parallel_runs"):
+        OnnxRuntime(model, device="cpu", parallel_runs="yes")
+
+
+def test_onnx_side_by_side_runs_are_on_for_small_models_only(shared_dir, monkeypatch):
+    from speciesclf.runtimes import ort as ort_runtime
+
+    model = shared_dir / "models" / "mobilenetv2-12-int8.onnx"
+    assert ort_runtime.OnnxRuntime(model, device="cpu", threads=2)._single_thread is not None
+    assert ort_runtime.OnnxRuntime(model, device="cpu", threads=1)._single_thread is None  # one lane: nothing to gain
+    assert ort_runtime.OnnxRuntime(model, device="cpu", threads=2, parallel_runs=False)._single_thread is None
+    # A second session is a second copy of the weights: a large model gets one only when asked.
+    monkeypatch.setattr(ort_runtime, "_PARALLEL_RUNS_MAX_MODEL_BYTES", model.stat().st_size - 1)
+    assert ort_runtime.OnnxRuntime(model, device="cpu", threads=2)._single_thread is None
+    assert ort_runtime.OnnxRuntime(model, device="cpu", threads=2, parallel_runs=True)._single_thread is not None
+    assert ort_runtime.OnnxRuntime(model, device="cpu", threads=2, data=model.read_bytes())._single_thread is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_onnx_side_by_side_runs_work_in_a_forked_child(shared_dir):
+    # The parent's lane threads do not exist in a child: a pool copied with the process would wait forever.
+    from speciesclf.runtimes.ort import OnnxRuntime
+
+    runtime = OnnxRuntime(shared_dir / "models" / "mobilenetv2-12-int8.onnx", device="cpu", threads=2)
+    batch = np.random.default_rng(1).normal(size=(4, 3, 224, 224)).astype(np.float32)
+    expected = runtime.run(batch)  # the parent's pool now has its threads
+    with warnings.catch_warnings():  # "fork() in a multi-threaded process" is the point here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only with the right answer
+        code = 2
+        try:
+            code = 0 if np.allclose(runtime.run(batch), expected, rtol=1e-5, atol=1e-5) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung running a batch")
+        time.sleep(0.02)
