@@ -8,7 +8,8 @@ the same number of threads (2, "both cores"). File reading is never timed.
 Methods:
   speciesclf predict_batch   Classifier.load(model, labels="imagenet1k", batch_size=64, threads=2), then
                              clf.predict_batch(list_of_bytes): Prediction objects with top-5 labels (its
-                             ONNX Runtime runs each batch of 64 in slices of 8 images, its default on CPUs)
+                             ONNX Runtime runs each batch of 64 in parts of 8 images, two side by side on a
+                             second, single-threaded session: its default on CPUs)
   per-image loop             one image at a time: the Pillow recipe below, ORT at batch 1, softmax + top-5
   batched Pillow + ORT       the Pillow recipe for 64 images into a preallocated (64, 3, 224, 224) buffer,
                              either sequentially in one thread ("sequential") or on a ThreadPoolExecutor(2)
@@ -514,8 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     dump = {**results, "top1": {k: v.tolist() for k, v in top1.items()}}
     details = [
         f"- Model: {results['model']} (input `{INPUT}`, output `{OUTPUT}`), ONNX Runtime CPU provider, "
-        f"intra_op_num_threads={THREADS} in every session; predict_batch via `Classifier.load(model, "
-        f"labels=\"imagenet1k\", batch_size={BATCH}, threads={THREADS})` with its default spec ({results['spec']})",
+        f"intra_op_num_threads={THREADS} in every session but the one named; predict_batch via `Classifier.load(model, "
+        f"labels=\"imagenet1k\", batch_size={BATCH}, threads={THREADS})` with its default spec ({results['spec']}; "
+        "its runtime runs each batch in parts of 8 images, two side by side on a second, single-threaded session)",
         "- Medians over the repeats, methods interleaved round-robin (each round starting one method later), one "
         f"untimed warm-up pass each ({results['warmup']}); encoded bytes in memory; top-5 with softmax in every "
         "method but ORT on ready tensors. The Pillow methods use torchvision's recipe written out (bilinear resize "

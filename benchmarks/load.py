@@ -670,8 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         "folder; c): the same file in its own ONNX Runtime session, intra_op_num_threads=2)",
         "- Servers, each its own process on 127.0.0.1: a) `python3 -m speciesclf serve --model imagenet1k` "
         f"(its defaults: max_batch_size {defaults.max_batch_size}, batches_in_flight {defaults.batches_in_flight}, "
-        f"greedy dispatch: no wait when idle, max_queue {defaults.max_queue}; ORT without spinning, in slices of 8 "
-        "images per run); b) the same with `--max-batch-size 1`; c) a "
+        f"greedy dispatch: no wait when idle, max_queue {defaults.max_queue}; ORT without spinning; a batch of "
+        "several images runs as parts of up to 8, side by side on a single-threaded session); b) the same with `--max-batch-size 1`; c) a "
         "hand-written FastAPI app under `uvicorn --workers 1`: raw body → Pillow (shorter side 256 bilinear, "
         "center crop 224, normalise) → ORT batch 1 in Starlette's thread pool → softmax top-5 JSON. All log one "
         f"line per request (speciesclf's JSON log / uvicorn's access log). The run took {results['wall_s']:.0f} s.",
