@@ -71,7 +71,7 @@ class OnnxRuntime:
         # 16-image batches in the HTTP service: +3%). A single image still runs on all threads, for latency.
         if parallel_runs not in (None, True, False):
             raise ValueError(f"parallel_runs must be True, False or None (auto), got {parallel_runs!r}")
-        self.lanes = int(threads) if threads else (os.cpu_count() or 1)
+        self.lanes = int(threads) if threads else _usable_cores()
         if parallel_runs is None:
             size = len(data) if data is not None else _file_size(path)
             parallel_runs = size is not None and size <= _PARALLEL_RUNS_MAX_MODEL_BYTES
@@ -158,3 +158,11 @@ def _file_size(path: str | Path) -> int | None:
         return os.path.getsize(path)
     except OSError:
         return None
+
+
+def _usable_cores() -> int:
+    # The cores this process may run on (a container's CPU set), not every core of the host.
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
