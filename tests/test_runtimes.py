@@ -245,3 +245,42 @@ def test_onnx_side_by_side_runs_work_in_a_forked_child(shared_dir):
             os.waitpid(pid, 0)
             pytest.fail("the forked child hung running a batch")
         time.sleep(0.02)
+
+
+def _fixed_batch_model(path: Path, batch: int) -> Path:
+    """(batch, 3, H, W) -> (batch, 3) with the batch dimension fixed, as torch.onnx.export writes it
+    without dynamic axes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = np.array([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 1.0, 0.0]], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["means"], axes=[2, 3], keepdims=0),
+         helper.make_node("MatMul", ["means", "weight"], ["output"])],
+        "fixed_batch",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, "H", "W"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, 3])],
+        [helper.make_tensor("weight", TensorProto.FLOAT, [3, 3], weight.ravel().tolist())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("fixed", [1, 4])
+@pytest.mark.parametrize("parallel_runs", [True, False])
+def test_models_with_a_fixed_batch_size_take_any_batch(tmp_path, fixed, parallel_runs):
+    # Before: every batch of another size failed in ONNX Runtime ("Got: 3 Expected: 1").
+    model = _fixed_batch_model(tmp_path / "fixed.onnx", fixed)
+    clf = Classifier.load(model, labels=["red", "blue", "other"], preprocess=PreprocessSpec(size=32, resize=None),
+                          threads=2, runtime_options={"parallel_runs": parallel_runs})
+    assert clf._engine.runtime.fixed_batch == fixed
+    red, blue = _red_and_blue()
+    images = [red, blue, red, blue, blue, red, red]
+    expected = ["red", "blue", "red", "blue", "blue", "red", "red"]
+    for n in (1, 3, 4, 7):
+        predictions = clf.predict_batch(images[:n])
+        assert [p.label for p in predictions] == expected[:n]
+        singles = [clf.predict(image).score for image in images[:n]]
+        np.testing.assert_allclose([p.score for p in predictions], singles, rtol=1e-6)

@@ -91,6 +91,10 @@ class OnnxRuntime:
         (model_input,) = self.session.get_inputs()
         self.input_name = model_input.name
         self.input_shape = model_input.shape
+        # A model exported with a fixed batch size (torch.onnx.export without dynamic axes: often 1) only takes
+        # batches of exactly that size: larger batches run in parts of it, a short last part padded.
+        first = self.input_shape[0] if self.input_shape else None
+        self.fixed_batch = first if isinstance(first, int) and not isinstance(first, bool) and first > 0 else None
         self.output_name = self.session.get_outputs()[0].name
 
     @property
@@ -108,30 +112,35 @@ class OnnxRuntime:
     def run(self, batch) -> np.ndarray:
         if not isinstance(batch, np.ndarray):  # a torch tensor, from GPU preprocessing
             if self.device == "cuda" and batch.is_cuda:
-                return self._run_on_device(batch)
+                return self._run_on_device_in_parts(batch)
             batch = batch.detach().cpu().numpy()
-        if self._single_thread is not None and len(batch) > 1:
-            return self._run_side_by_side(batch)
-        step = self.run_batch or len(batch)
-        if len(batch) <= step:
-            return self._run_slice(batch)
-        return np.concatenate([self._run_slice(batch[i:i + step]) for i in range(0, len(batch), step)])
+        n, step = len(batch), self._part_size(len(batch))
+        parts = [batch[i:i + step] for i in range(0, n, step)]
+        if self.fixed_batch:
+            parts = [_padded(part, self.fixed_batch) for part in parts]
+        if len(parts) == 1:
+            outputs = [self._run_slice(parts[0])]
+        elif self._single_thread is not None:
+            # Side by side on the single-threaded session, one part per lane at a time, in input order.
+            outputs = list(self._pool().map(lambda part: self._run_slice(part, self._single_thread), parts))
+        else:
+            outputs = [self._run_slice(part) for part in parts]
+        result = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        return result[:n] if self.fixed_batch else result
+
+    def _part_size(self, n: int) -> int:
+        """Images per run: a fixed batch dimension's size; else at most run_batch, and with side-by-side runs
+        small enough that every lane gets a part."""
+        if self.fixed_batch:
+            return self.fixed_batch
+        step = self.run_batch or n
+        if self._single_thread is not None:
+            step = min(step, math.ceil(n / self.lanes))
+        return max(1, step)
 
     def _run_slice(self, batch: np.ndarray, session: object = None) -> np.ndarray:
         session = self.session if session is None else session
         return session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch)})[0]
-
-    def _run_side_by_side(self, batch: np.ndarray) -> np.ndarray:
-        """Parts of at most run_batch images, at least one per lane, run on the single-threaded session by
-        ``lanes`` threads at once; the outputs in input order."""
-        n = len(batch)
-        step = max(1, math.ceil(n / self.lanes))
-        if self.run_batch:
-            step = min(step, self.run_batch)
-        parts = [batch[i:i + step] for i in range(0, n, step)]
-        pool = self._pool()
-        outputs = list(pool.map(lambda part: self._run_slice(part, self._single_thread), parts))
-        return np.concatenate(outputs)
 
     def _pool(self) -> ThreadPoolExecutor:
         # Made on first use, and again in a forked child, whose copy of the pool has no threads behind it.
@@ -140,6 +149,20 @@ class OnnxRuntime:
                 self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="speciesclf-onnx-lane")
                 self._lane_pool_pid = os.getpid()
             return self._lane_pool
+
+    def _run_on_device_in_parts(self, batch) -> np.ndarray:
+        k, n = self.fixed_batch, len(batch)
+        if not k or n == k:
+            return self._run_on_device(batch)
+        import torch
+
+        outputs = []
+        for i in range(0, n, k):
+            part = batch[i:i + k]
+            if len(part) < k:
+                part = torch.cat([part, part.new_zeros((k - len(part), *part.shape[1:]))])
+            outputs.append(self._run_on_device(part))
+        return np.concatenate(outputs)[:n]
 
     def _run_on_device(self, batch) -> np.ndarray:
         # The CUDA provider reads the batch where GPU preprocessing left it: no round trip through the host.
@@ -166,3 +189,10 @@ def _usable_cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def _padded(part: np.ndarray, size: int) -> np.ndarray:
+    if len(part) == size:
+        return part
+    padding = np.zeros((size - len(part), *part.shape[1:]), dtype=part.dtype)
+    return np.concatenate([part, padding])
