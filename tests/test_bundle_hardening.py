@@ -454,6 +454,8 @@ def test_postprocessor_flags_rows_that_are_not_finite():
     outputs = np.array([[1.0, 2.0], [np.nan, 0.0], [np.inf, 1.0], [-np.inf, 1.0]])
     for kind in ("logits", "probabilities"):
         assert PostProcessor(output_kind=kind)(outputs).finite.tolist() == [True, False, False, False]
+    # Finite logits over a tiny temperature overflow to inf - inf = NaN: not a usable row either.
+    assert PostProcessor(temperature=1e-308)(np.array([[1.0, 2.0], [0.0, 0.0]])).finite.tolist() == [False, True]
 
 
 def test_the_service_answers_nan_scores_as_its_own_failure():

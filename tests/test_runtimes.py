@@ -153,8 +153,10 @@ def test_plugin_loads_the_checked_bytes_of_a_bundle(tmp_path, monkeypatch):
     np.save(swapped, -RED_VS_BLUE)  # every answer the wrong way round
     target = Path(bundle) / "model.npy"
     assert target.exists()
+    (Path(bundle) / "sidecar.txt").write_text("found")  # a format's second file, beside the model
     _install_npy_plugin(tmp_path, monkeypatch, before_load=f"import shutil; shutil.copyfile({str(swapped)!r}, "
-                                                           f"{str(target)!r})")
+                                                           f"{str(target)!r}); import pathlib; assert pathlib.Path("
+                                                           f"path).with_name('sidecar.txt').read_text() == 'found'")
     clf = Classifier.load(bundle)
     import npyloader
 
@@ -284,3 +286,44 @@ def test_models_with_a_fixed_batch_size_take_any_batch(tmp_path, fixed, parallel
         assert [p.label for p in predictions] == expected[:n]
         singles = [clf.predict(image).score for image in images[:n]]
         np.testing.assert_allclose([p.score for p in predictions], singles, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fixed", [None, 2])
+@pytest.mark.parametrize("parallel_runs", [True, False])
+def test_an_empty_batch_gives_empty_outputs(tmp_path, fixed, parallel_runs):
+    from speciesclf.runtimes.ort import OnnxRuntime
+
+    if fixed is None:
+        model = _fixed_batch_model(tmp_path / "m.onnx", 1)
+        import onnx
+
+        proto = onnx.load(model)  # the same graph with a symbolic batch dimension
+        proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+        proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+        onnx.save(proto, model)
+    else:
+        model = _fixed_batch_model(tmp_path / "m.onnx", fixed)
+    runtime = OnnxRuntime(model, device="cpu", threads=2, parallel_runs=parallel_runs)
+    assert runtime.fixed_batch == fixed
+    assert runtime.run(np.zeros((0, 3, 8, 8), np.float32)).shape == (0, 3)
+
+
+def test_side_by_side_runs_survive_a_pool_that_was_shut_down(shared_dir):
+    # As at interpreter exit, when the executor refuses new work: the parts then run in the calling thread.
+    from speciesclf.runtimes.ort import OnnxRuntime
+
+    runtime = OnnxRuntime(shared_dir / "models" / "mobilenetv2-12-int8.onnx", device="cpu", threads=2)
+    batch = np.random.default_rng(2).normal(size=(4, 3, 224, 224)).astype(np.float32)
+    expected = runtime.run(batch)
+    runtime._pool().shutdown()
+    np.testing.assert_allclose(runtime.run(batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_closing_the_classifier_stops_the_runtime_threads(shared_dir, sample_photos):
+    import threading
+
+    clf = Classifier.load(shared_dir / "models" / "mobilenetv2-12-int8.onnx", labels="imagenet1k", threads=2)
+    assert all(p.ok for p in clf.predict_batch(sample_photos[:4]))
+    assert any(t.name.startswith("speciesclf-onnx-lane") for t in threading.enumerate())
+    clf.close()
+    assert not any(t.name.startswith("speciesclf-onnx-lane") for t in threading.enumerate())

@@ -274,13 +274,17 @@ class Classifier:
         return getattr(self._engine.runtime, "device", "cpu")
 
     def close(self) -> None:
-        """Stops the preprocessing thread; predict* and reload() then raise RuntimeError. Idempotent."""
+        """Stops its threads (preprocessing, and the runtime's side-by-side runs); predict* and reload() then
+        raise RuntimeError. Idempotent."""
         self._closed = True
         self._pool.shutdown(wait=True)
         with self._buffers_lock:
             self._free_buffers.clear()
         if self._engine.gpu is not None:
             self._engine.gpu.close()
+        close_runtime = getattr(self._engine.runtime, "close", None)
+        if callable(close_runtime):
+            close_runtime()
 
     def __enter__(self) -> Classifier:
         return self

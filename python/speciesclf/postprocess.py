@@ -71,6 +71,8 @@ class PostProcessor:
                 probabilities = kept / np.maximum(mass, 1e-12)[:, None]
             else:
                 mass = probabilities.sum(axis=1)
+        # Finite outputs can still overflow here (a tiny temperature): such a row is no more usable.
+        finite &= np.isfinite(probabilities).all(axis=1)
         top = probabilities.max(axis=1)
         if self.unknown_method == "subset_mass":
             evidence = mass

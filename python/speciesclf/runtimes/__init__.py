@@ -91,7 +91,9 @@ def _load_plugin(entry_point: Any, path: str | Path, data: bytes | None, *, devi
                  threads: int | None) -> Runtime:
     """A plugin opens the path it is given; handing it the bundle's own path would load whatever replaced
     the file after its sha256 was checked. So it gets a copy of the checked bytes in a private directory,
-    removed when the runtime is collected (or at exit, for runtimes that take no weak references)."""
+    removed when the runtime is collected (or at exit, for runtimes that take no weak references). The
+    files beside the model (a format's weights or config files, which the manifest's sha256 never covered)
+    stay reachable there as links to the bundle's own."""
     loader = entry_point.load()
     if data is None:
         return loader(path, device=device, threads=threads)
@@ -101,6 +103,7 @@ def _load_plugin(entry_point: Any, path: str | Path, data: bytes | None, *, devi
         fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        _link_neighbours(Path(path), Path(directory))
         runtime = loader(str(copy), device=device, threads=threads)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
@@ -110,3 +113,15 @@ def _load_plugin(entry_point: Any, path: str | Path, data: bytes | None, *, devi
     except TypeError:
         atexit.register(shutil.rmtree, directory, True)
     return runtime
+
+
+def _link_neighbours(model: Path, directory: Path) -> None:
+    try:
+        neighbours = [entry for entry in model.parent.iterdir() if entry.name != model.name]
+    except OSError:
+        return
+    for entry in neighbours:
+        try:
+            os.symlink(entry.resolve(), directory / entry.name)
+        except OSError:  # no symlinks here (some Windows accounts): the plugin sees the model alone
+            pass

@@ -114,7 +114,10 @@ class OnnxRuntime:
             if self.device == "cuda" and batch.is_cuda:
                 return self._run_on_device_in_parts(batch)
             batch = batch.detach().cpu().numpy()
-        n, step = len(batch), self._part_size(len(batch))
+        n = len(batch)
+        if n == 0:
+            return self._run_slice(_padded(batch, self.fixed_batch or 0))[:0]
+        step = self._part_size(n)
         parts = [batch[i:i + step] for i in range(0, n, step)]
         if self.fixed_batch:
             parts = [_padded(part, self.fixed_batch) for part in parts]
@@ -122,7 +125,15 @@ class OnnxRuntime:
             outputs = [self._run_slice(parts[0])]
         elif self._single_thread is not None:
             # Side by side on the single-threaded session, one part per lane at a time, in input order.
-            outputs = list(self._pool().map(lambda part: self._run_slice(part, self._single_thread), parts))
+            def run_part(part: np.ndarray) -> np.ndarray:
+                return self._run_slice(part, self._single_thread)
+
+            try:
+                outputs = list(self._pool().map(run_part, parts))
+            except RuntimeError as e:  # "cannot schedule new futures": closed, or the interpreter is exiting
+                if "schedule" not in str(e):
+                    raise
+                outputs = [run_part(part) for part in parts]
         else:
             outputs = [self._run_slice(part) for part in parts]
         result = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
@@ -142,6 +153,13 @@ class OnnxRuntime:
         session = self.session if session is None else session
         return session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch)})[0]
 
+    def close(self) -> None:
+        """Stops the side-by-side threads (a later run still works: in this thread, or on a new pool)."""
+        with self._lane_lock:
+            pool, self._lane_pool = self._lane_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def _pool(self) -> ThreadPoolExecutor:
         # Made on first use, and again in a forked child, whose copy of the pool has no threads behind it.
         with self._lane_lock:
@@ -154,6 +172,8 @@ class OnnxRuntime:
         k, n = self.fixed_batch, len(batch)
         if not k or n == k:
             return self._run_on_device(batch)
+        if n == 0:
+            return self._run_on_device(batch.new_zeros((k, *batch.shape[1:])))[:0]
         import torch
 
         outputs = []
@@ -192,7 +212,7 @@ def _usable_cores() -> int:
 
 
 def _padded(part: np.ndarray, size: int) -> np.ndarray:
-    if len(part) == size:
+    if len(part) >= size:
         return part
     padding = np.zeros((size - len(part), *part.shape[1:]), dtype=part.dtype)
     return np.concatenate([part, padding])
