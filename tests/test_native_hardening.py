@@ -12,14 +12,13 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import speciesclf
+from forking import exit_code_in_child
+from PIL import Image
 from speciesclf import DecodeError, ImageError, ImageTooLargeError, PreprocessSpec
 
 BACKENDS = ["native", "python"]
@@ -181,28 +180,9 @@ def test_a_forked_child_can_preprocess_while_the_parent_was_busy(backend: str) -
     outcomes = []
     try:
         for _ in range(20):
-            with warnings.catch_warnings():  # "fork() in a multi-threaded process" is the point here
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
-            if pid == 0:  # the child: exit status 0 only with the right answer
-                code = 2
-                try:
-                    result = speciesclf.preprocess_batch(items, spec, backend=backend, threads=4).array
-                    code = 0 if np.array_equal(result, expected) else 1
-                finally:
-                    os._exit(code)
-            deadline = time.monotonic() + 3
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    outcomes.append(os.waitstatus_to_exitcode(status))
-                    break
-                if time.monotonic() > deadline:
-                    os.kill(pid, 9)
-                    os.waitpid(pid, 0)
-                    outcomes.append("hung")
-                    break
-                time.sleep(0.01)
+            outcomes.append(exit_code_in_child(
+                lambda: np.array_equal(speciesclf.preprocess_batch(items, spec, backend=backend, threads=4).array,
+                                       expected), timeout_s=3))
     finally:
         stop.set()
         for t in workers:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import speciesclf
+import torch
+from forking import exit_code_in_child
 from speciesclf import Classifier, PreprocessSpec
 
 LABELS = [f"class {i}" for i in range(10)]
@@ -227,26 +226,9 @@ def test_onnx_side_by_side_runs_work_in_a_forked_child(shared_dir):
     runtime = OnnxRuntime(shared_dir / "models" / "mobilenetv2-12-int8.onnx", device="cpu", threads=2)
     batch = np.random.default_rng(1).normal(size=(4, 3, 224, 224)).astype(np.float32)
     expected = runtime.run(batch)  # the parent's pool now has its threads
-    with warnings.catch_warnings():  # "fork() in a multi-threaded process" is the point here
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # the child: exit status 0 only with the right answer
-        code = 2
-        try:
-            code = 0 if np.allclose(runtime.run(batch), expected, rtol=1e-5, atol=1e-5) else 1
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 20
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung running a batch")
-        time.sleep(0.02)
+    outcome = exit_code_in_child(lambda: np.allclose(runtime.run(batch), expected, rtol=1e-5, atol=1e-5),
+                                 timeout_s=20)
+    assert outcome == 0, "the forked child hung running a batch" if outcome == "hung" else outcome
 
 
 def _fixed_batch_model(path: Path, batch: int) -> Path:

@@ -155,6 +155,7 @@ class Batcher:
         return batch
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await self._slots.acquire()
@@ -162,20 +163,20 @@ class Batcher:
                 if batch is None:
                     self._slots.release()
                     return
-                started = self._start(batch)
-                if started is None:
-                    self._slots.release()
-                    continue
-                task = asyncio.get_running_loop().create_task(self._finish(*started))
+                task = loop.create_task(self._run_batch(batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         finally:
             if self._running:  # drain: what was dispatched finishes
                 await asyncio.gather(*self._running, return_exceptions=True)
 
-    def _start(self, batch: list[tuple[_Job, int, int]]) -> tuple[list, list[bytes], asyncio.Future, float] | None:
-        """Hands the live part of ``batch`` to the inference thread at once, in this step of the loop: done in a
-        task of its own, it would wait behind every request handler that the last batch's answers woke."""
+    async def _run_batch(self, batch: list[tuple[_Job, int, int]]) -> None:
+        try:
+            await self._infer(batch)
+        finally:
+            self._slots.release()
+
+    async def _infer(self, batch: list[tuple[_Job, int, int]]) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         live: list[tuple[_Job, int, int]] = []
@@ -190,19 +191,16 @@ class Batcher:
             job.state = "running"
             live.append((job, first, end))
         if not live:
-            return None
+            return
         images = [image for job, first, end in live for image in job.images[first:end]]
         top_k = max(job.top_k for job, _, _ in live)
         self.metrics.in_flight += len(images)
         self.metrics.batch(len(images))
         self.last_batch_size = len(images)
-        future = loop.run_in_executor(self._executor, lambda: self.classifier.predict_batch(images, top_k=top_k))
-        return live, images, future, time.perf_counter()
-
-    async def _finish(self, live: list[tuple[_Job, int, int]], images: list[bytes], future: asyncio.Future,
-                      start: float) -> None:
+        start = time.perf_counter()
         try:
-            predictions = await future
+            predictions = await loop.run_in_executor(
+                self._executor, lambda: self.classifier.predict_batch(images, top_k=top_k))
         except Exception as e:  # a runtime failure: every request of this batch gets it
             for job, _, _ in live:
                 # A job dropped meanwhile (its request timed out or went away) has nobody to tell.
@@ -212,9 +210,6 @@ class Batcher:
             return
         finally:
             self.metrics.in_flight -= len(images)
-            # Before the answers below wake their handlers: the worker then dispatches the next batch ahead
-            # of them, and the cores compute it while this loop writes the answers.
-            self._slots.release()
         elapsed = max(time.perf_counter() - start, 1e-6)
         self._throughput = 0.8 * self._throughput + 0.2 * (len(images) / elapsed)
         at = 0
