@@ -4,7 +4,9 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__SSE4_1__)
+#if defined(__AVX2__)
+#include <immintrin.h>
+#elif defined(__SSE4_1__)
 #include <smmintrin.h>
 #endif
 
@@ -78,7 +80,39 @@ void horizontal_fixed(const uint8_t* row, int available, const AxisPlan& plan, u
 #if defined(__SSE4_1__)
   const __m128i bias = _mm_set1_epi32(fixed_rounding_bias());
 #endif
-  for (int j = 0; j < out_width; ++j) {
+  int j = 0;
+#if defined(__AVX2__)
+  // Two output pixels per vector, one in each 128-bit half, with the arithmetic of the one-pixel loop
+  // below (this pass is about an eighth of a JPEG's preprocessing time). Windows only move right along
+  // the row, so once the second pixel's would read past the row, the rest go one by one.
+  const __m256i bias2 = _mm256_set1_epi32(fixed_rounding_bias());
+  for (; j + 1 < out_width; j += 2) {
+    const int start0 = plan.first[j] - begin, start1 = plan.first[j + 1] - begin;
+    if (std::ptrdiff_t(start1 + Taps) * 3 + 1 > std::ptrdiff_t(available) * 3) break;
+    const int32_t* k0 = &plan.weights[std::size_t(j) * Taps];
+    const int32_t* k1 = k0 + Taps;
+    const uint8_t* p0 = row + std::ptrdiff_t(start0) * 3;
+    const uint8_t* p1 = row + std::ptrdiff_t(start1) * 3;
+    __m256i acc = bias2;
+    for (int t = 0; t < Taps; ++t) {
+      int32_t a, b;
+      std::memcpy(&a, p0 + 3 * t, 4);
+      std::memcpy(&b, p1 + 3 * t, 4);
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_insert_epi32(_mm_cvtsi32_si128(a), b, 1));
+      const __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi32(k0[t])),
+                                                _mm_set1_epi32(k1[t]), 1);
+      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(v, w));
+    }
+    acc = _mm256_srai_epi32(acc, kPrecisionBits);
+    // The packs work within each half: byte 0..3 of each half is its pixel's RGBx.
+    const __m256i packed = _mm256_packus_epi16(_mm256_packs_epi32(acc, acc), _mm256_setzero_si256());
+    const int32_t rgbx0 = _mm_cvtsi128_si32(_mm256_castsi256_si128(packed));
+    const int32_t rgbx1 = _mm_cvtsi128_si32(_mm256_extracti128_si256(packed, 1));
+    std::memcpy(out + 3 * j, &rgbx0, 4);
+    std::memcpy(out + 3 * (j + 1), &rgbx1, 4);  // after pixel j: overwrites its spare 4th byte
+  }
+#endif
+  for (; j < out_width; ++j) {
     const int32_t* k = &plan.weights[std::size_t(j) * Taps];
     const int start = plan.first[j] - begin;
     const uint8_t* p = row + std::ptrdiff_t(start) * 3;

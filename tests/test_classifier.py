@@ -17,7 +17,10 @@ from PIL import Image
 
 from speciesclf import Classifier, Prediction
 from speciesclf.errors import ImageReadError, InvalidImageError, UnsupportedFormatError
-from speciesclf.postprocess import PostProcessor
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from speciesclf.postprocess import PostProcessor, top_k_indices
 
 pytestmark = pytest.mark.shared
 
@@ -165,6 +168,25 @@ def test_postprocessor_rules():
         PostProcessor(unknown_method="subset_mass", unknown_threshold=0.5)
     with pytest.raises(ValueError):
         PostProcessor(temperature=0)
+
+
+# Few distinct values, so that rows are full of ties, at the k-th score too.
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5, 1e-9, 0.9999]), min_size=1, max_size=300),
+       st.integers(1, 320))
+def test_top_k_indices_equal_a_stable_full_sort(values, k):
+    scores = np.array(values)
+    expected = np.argsort(-scores, kind="stable")[:k]
+    np.testing.assert_array_equal(top_k_indices(scores, k), expected)
+
+
+def test_top_k_indices_on_real_probabilities():
+    rng = np.random.default_rng(3)
+    rows = PostProcessor()(rng.normal(size=(50, 1000)) * 4).probabilities
+    rows[7, 10:20] = rows[7].max()  # a tie for first place across ten classes
+    for row in rows:
+        for k in (1, 5, 250, 1000):
+            np.testing.assert_array_equal(top_k_indices(row, k), np.argsort(-row, kind="stable")[:k])
 
 
 def test_hooks_are_called(model_file: Path, sample_photos):

@@ -20,7 +20,7 @@ import numpy as np
 
 from .bundle import BundleError
 from .errors import ImageError, ModelOutputError
-from .postprocess import PostProcessor
+from .postprocess import PostProcessor, top_k_indices
 from .preprocess import preprocess_batch
 from .runtimes import framework_for_file, load_runtime
 from .sources import to_image_source
@@ -474,7 +474,7 @@ class Classifier:
                 predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, error, None, source))
                 continue
             probabilities = scores.probabilities[row]
-            order = np.argsort(-probabilities, kind="stable")[:k]
+            order = top_k_indices(probabilities, k)
             best = int(order[0])
             timings["inference_ms"] = inference_ms
             predictions.append(Prediction(

@@ -7,7 +7,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-__all__ = ["PostProcessor", "Scores"]
+__all__ = ["PostProcessor", "Scores", "top_k_indices"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,3 +83,22 @@ class PostProcessor:
         else:
             unknown = evidence < self.unknown_threshold
         return Scores(probabilities, unknown, evidence, finite)
+
+
+def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` best columns of a 1-D ``scores`` row, best first; equal scores in column order.
+
+    The same indices as ``np.argsort(-scores, kind="stable")[:k]``, without sorting the whole row: a
+    1000-class row sorts in ~25 us, a cost paid per image on the thread that answers the batch. ``scores``
+    must be finite."""
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, dtype=np.intp)
+    if 4 * k >= n:  # selection saves nothing on a short row
+        return np.argsort(-scores, kind="stable")[:k]
+    kth = np.partition(scores, n - k)[n - k]  # the k-th best score
+    # Everything at least as good as the k-th, in column order: a stable sort of these alone ranks ties by
+    # column exactly as the full sort would, and a tie at the k-th score keeps its lowest columns.
+    candidates = np.flatnonzero(scores >= kth)
+    return candidates[np.argsort(-scores[candidates], kind="stable")[:k]]
