@@ -19,7 +19,8 @@ __all__ = ["LiveServer"]
 class LiveServer:
     """uvicorn in a background thread on a pre-bound loopback socket (a free port)."""
 
-    def __init__(self, app):
+    def __init__(self, app, ready_path: str = "/readyz"):
+        self.ready_path = ready_path
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -37,7 +38,7 @@ class LiveServer:
             assert time.monotonic() < deadline, "uvicorn did not start in 60 s"
             time.sleep(0.01)
         with httpx.Client(base_url=self.url) as client:
-            while client.get("/readyz").status_code != 200:
+            while client.get(self.ready_path).status_code != 200:
                 assert time.monotonic() < deadline, "the model did not become ready in 60 s"
                 time.sleep(0.02)
         return self

@@ -593,3 +593,48 @@ def test_two_batches_in_flight_keep_answers_apart(clf, photos) -> None:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             for got, expected in pool.map(one, range(24)):
                 assert got == expected
+
+
+def test_mounted_under_a_prefix_and_through_fastapi_routing(clf, photos):
+    """The same answers, errors, request ids and metrics at the root, under a prefix (a mounted app), and with
+    the predict handlers reached through FastAPI's routing layers instead of the middleware's direct call."""
+    import contextlib
+
+    config = ServeConfig(max_body_bytes=2 * 2**20)
+    child = create_app(clf, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(parent):  # Starlette runs no lifespan of a mounted app by itself
+        async with child.router.lifespan_context(child):
+            yield
+
+    parent = fastapi.FastAPI(lifespan=lifespan)
+    parent.mount("/svc", child)
+    routed = create_app(clf, config)
+    routed.state.serve.predict_handlers = {}  # every request through FastAPI's router
+    image, label = photos[0]
+    with LiveServer(create_app(clf, config)) as root, LiveServer(parent, ready_path="/svc/readyz") as mounted, \
+            LiveServer(routed) as through_router:
+        for base in (root.url, mounted.url + "/svc", through_router.url):
+            with httpx.Client(base_url=base, timeout=60) as c:
+                ok = c.post("/v1/predict?top_k=3", content=image, headers={"x-request-id": "mount-test-1"})
+                assert ok.status_code == 200, (base, ok.text)
+                assert ok.json()["label"] == label and len(ok.json()["top_k"]) == 3
+                assert ok.headers["x-request-id"] == "mount-test-1"
+                batch = c.post("/v1/predict/batch", json={"images": [b64(image), "not base64!"]})
+                assert batch.status_code == 200
+                assert batch.json()["predictions"][0]["label"] == label
+                assert batch.json()["predictions"][1]["error"]["code"] == "invalid_base64"
+                bad = c.post("/v1/predict", content=b"\xff\xd8\xff" + b"\0" * 100)
+                assert bad.status_code in (415, 422) and "code" in bad.json()["error"], bad.text
+                not_ready_style = c.post("/v1/predict?top_k=0", content=image)
+                assert not_ready_style.status_code == 422
+                assert not_ready_style.json()["error"]["code"] == "invalid_request"
+                wrong_method = c.get("/v1/predict")
+                assert wrong_method.status_code == 405
+                assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+                text = c.get("/metrics").text
+                assert metric(text, "speciesclf_predictions_total") == 2
+                # Counted under its route, not "other", wherever the app is mounted.
+                assert metric(text, "speciesclf_requests_total", route="/v1/predict", status="200") == 1
+                assert metric(text, "speciesclf_requests_total", route="/v1/predict", status="422") == 2
