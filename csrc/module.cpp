@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -88,9 +89,21 @@ py::list preprocess(const py::list& items, const py::buffer& out, int size, int 
     seconds = static_cast<double*>(timing_info.ptr);
   }
   uint8_t* base = static_cast<uint8_t*>(out_info.ptr);
+  // The threads take items in this order, costliest first (encoded size, or pixels), so that the last
+  // item any thread starts is a cheap one and they finish close together rather than one waiting on
+  // another's large photo. Each item still goes to its own slot.
+  std::vector<std::size_t> order(n);
+  for (std::size_t i = 0; i < n; ++i) order[i] = i;
+  if (threads != 1 && n > 2) {
+    auto cost = [&work](std::size_t i) {
+      return work[i].pixels ? std::size_t(work[i].height) * std::size_t(work[i].width) : work[i].size;
+    };
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return cost(a) > cost(b); });
+  }
   {
     py::gil_scoped_release release;
-    ThreadPool::instance().parallel_for(n, threads, [&](std::size_t i) {
+    ThreadPool::instance().parallel_for(n, threads, [&](std::size_t k) {
+      const std::size_t i = order[k];
       if (statuses[i] != Status::kOk) return;
       statuses[i] = preprocessor.run(work[i], base + slots[i] * preprocessor.slot_bytes(), &messages[i],
                                      seconds ? seconds + 2 * slots[i] : nullptr);
