@@ -638,3 +638,29 @@ def test_mounted_under_a_prefix_and_through_fastapi_routing(clf, photos):
                 # Counted under its route, not "other", wherever the app is mounted.
                 assert metric(text, "speciesclf_requests_total", route="/v1/predict", status="200") == 1
                 assert metric(text, "speciesclf_requests_total", route="/v1/predict", status="422") == 2
+
+
+def test_root_path_is_cut_at_a_slash(clf, photos):
+    """A root_path that is a mere string prefix of the path ("/v" of "/v1/predict") is not the route's
+    prefix: Starlette routes "/v1/predict", and metrics must count it there, not under "other"."""
+    import asyncio
+
+    app = create_app(clf, ServeConfig())
+    image, label = photos[0]
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            for root_path in ("/v", "/svc"):
+                prefix = "" if root_path == "/v" else root_path  # "/svc": a real prefix, in front of the path
+                transport = httpx.ASGITransport(app=app, root_path=root_path)
+                async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                    while (await c.get(prefix + "/readyz")).status_code != 200:
+                        await asyncio.sleep(0.02)
+                    r = await c.post(prefix + "/v1/predict", content=image)
+                    assert r.status_code == 200 and r.json()["label"] == label, (root_path, r.text)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+                return (await c.get("/metrics")).text
+
+    text = asyncio.run(main())
+    assert metric(text, "speciesclf_requests_total", route="/v1/predict", status="200") == 2
+    assert metric(text, "speciesclf_requests_total", route="other") == 0

@@ -452,7 +452,9 @@ class _RequestMiddleware:
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         path = scope.get("path", "")
         root_path = scope.get("root_path", "")
-        if root_path and path.startswith(root_path):  # mounted under a prefix, or served behind one (--root-path)
+        # Mounted under a prefix, or served behind one (--root-path): the route is what follows it, cut at
+        # a "/" as Starlette's router cuts it ("/v" is no prefix of "/v1/predict").
+        if root_path and path.startswith(root_path) and path[len(root_path):len(root_path) + 1] in ("", "/"):
             path = path[len(root_path):]
         route = path if path in _ROUTES else "other"
         info = scope.setdefault("speciesclf", {})
