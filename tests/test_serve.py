@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import io
 import json
 import logging
@@ -598,8 +600,6 @@ def test_two_batches_in_flight_keep_answers_apart(clf, photos) -> None:
 def test_mounted_under_a_prefix_and_through_fastapi_routing(clf, photos):
     """The same answers, errors, request ids and metrics at the root, under a prefix (a mounted app), and with
     the predict handlers reached through FastAPI's routing layers instead of the middleware's direct call."""
-    import contextlib
-
     config = ServeConfig(max_body_bytes=2 * 2**20)
     child = create_app(clf, config)
 
@@ -627,9 +627,9 @@ def test_mounted_under_a_prefix_and_through_fastapi_routing(clf, photos):
                 assert batch.json()["predictions"][1]["error"]["code"] == "invalid_base64"
                 bad = c.post("/v1/predict", content=b"\xff\xd8\xff" + b"\0" * 100)
                 assert bad.status_code in (415, 422) and "code" in bad.json()["error"], bad.text
-                not_ready_style = c.post("/v1/predict?top_k=0", content=image)
-                assert not_ready_style.status_code == 422
-                assert not_ready_style.json()["error"]["code"] == "invalid_request"
+                bad_top_k = c.post("/v1/predict?top_k=0", content=image)
+                assert bad_top_k.status_code == 422
+                assert bad_top_k.json()["error"]["code"] == "invalid_request"
                 wrong_method = c.get("/v1/predict")
                 assert wrong_method.status_code == 405
                 assert wrong_method.json()["error"]["code"] == "method_not_allowed"
@@ -643,8 +643,6 @@ def test_mounted_under_a_prefix_and_through_fastapi_routing(clf, photos):
 def test_root_path_is_cut_at_a_slash(clf, photos):
     """A root_path that is a mere string prefix of the path ("/v" of "/v1/predict") is not the route's
     prefix: Starlette routes "/v1/predict", and metrics must count it there, not under "other"."""
-    import asyncio
-
     app = create_app(clf, ServeConfig())
     image, label = photos[0]
 

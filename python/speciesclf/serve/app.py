@@ -454,7 +454,7 @@ class _RequestMiddleware:
         root_path = scope.get("root_path", "")
         # Mounted under a prefix, or served behind one (--root-path): the route is what follows it, cut at
         # a "/" as Starlette's router cuts it ("/v" is no prefix of "/v1/predict").
-        if root_path and path.startswith(root_path) and path[len(root_path):len(root_path) + 1] in ("", "/"):
+        if root_path and (path == root_path or path.startswith(root_path + "/")):
             path = path[len(root_path):]
         route = path if path in _ROUTES else "other"
         info = scope.setdefault("speciesclf", {})
