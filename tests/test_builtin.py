@@ -44,7 +44,8 @@ def test_species100_targets(home, sample_photos, truth):
     assert len(own) >= 50
     assert top1 >= 0.85
     assert unknown_rate >= 0.90
-    assert all(p.scientific_name for p, _ in own)
+    assert all(p.scientific_name for p, _ in own if not p.unknown)
+    assert all(p.label is None and p.scientific_name is None and p.guess for p in predictions if p.unknown)
 
 
 def test_imagenet1k_builtin(home, sample_photos, truth):
@@ -115,3 +116,35 @@ def test_cli_classify(home, sample_photos, tmp_path):
     table = subprocess.run([sys.executable, "-m", "speciesclf", "classify", str(sample_photos[0]), "--model", "imagenet1k"],
                            capture_output=True, text=True, timeout=300)
     assert table.returncode == 0 and "tench" in table.stdout
+
+
+def test_unknown_reports_no_species_but_keeps_the_guess(home, sample_photos):
+    """Issue 12 item 3: the hen photo is "unknown" to species100; it must not also be called a house finch."""
+    hen = next(p for p in sample_photos if p.name.endswith("_hen.JPEG"))
+    finch = next(p for p in sample_photos if "house_finch" in p.name or p.name.endswith("_junco.JPEG"))
+    species = Classifier.load("species100")
+    everything = Classifier.load("imagenet1k")
+    p = species.predict(hen)
+    assert p.ok and p.unknown
+    assert p.label is None and p.scientific_name is None
+    assert p.guess == p.top_k[0][0] and p.score == p.top_k[0][1]
+    index_of = {label.name: label.index for label in species100_labels()}
+    assert p.index == index_of[p.guess]
+    # The open-set score is the species' share of the 1000-way probability, computed here independently.
+    all_classes = dict(everything.predict(hen, top_k=1000).top_k)
+    mass = sum(all_classes[everything.labels[i]] for i in index_of.values())
+    assert p.open_set_score == pytest.approx(mass, rel=1e-5) and p.open_set_score < SPECIES100_UNKNOWN_MASS
+    d = p.to_dict()
+    assert d["label"] is None and d["guess"] == p.guess and d["open_set_score"] == p.open_set_score
+    assert d["unknown"] is True and d["score"] == p.score and d["scientific_name"] is None
+    page = p._repr_html_()
+    assert "unknown" in page and f"guess: {p.guess}" in page and f"{p.open_set_score:.3f}" in page
+
+    known = species.predict(finch)
+    assert not known.unknown and known.label == known.guess and known.open_set_score >= SPECIES100_UNKNOWN_MASS
+    assert known.scientific_name and known.to_dict()["label"] == known.label
+    # Without a rule, the open-set score is still given (the top probability) so thresholds can be swept.
+    plain = everything.predict(hen)
+    assert plain.label == plain.guess and plain.open_set_score == pytest.approx(plain.score)
+    species.close()
+    everything.close()

@@ -33,17 +33,29 @@ _MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".pt2")
 
 @dataclasses.dataclass
 class Prediction:
-    """One image's answer. ``error`` is set (and the rest empty) when the image could not be used."""
+    """One image's answer. ``error`` is set (and the rest empty) when the image could not be used.
+
+    ``label`` is the reported class: None when the open-set rule says "unknown" (and on error), so an
+    unknown image never names a species. ``guess`` is the best reported class whatever the rule said,
+    ``score`` its probability among the reported classes and ``index`` its model output; ``open_set_score``
+    is what the rule compared with its threshold (see :class:`~speciesclf.postprocess.PostProcessor`).
+    ``logits`` (the model's raw outputs, all of them) and ``embedding`` (its penultimate pooled features,
+    float32 1-D) are set only when asked for (``return_logits=True``, ``return_embedding=True``).
+    """
 
     label: str | None
-    score: float | None
-    index: int | None  # the model output index of ``label``
+    score: float | None  # the probability of ``guess``
+    index: int | None  # the model output index of ``guess``
     top_k: list[tuple[str, float]]
     unknown: bool
     model: str  # name@version
     timings: dict[str, float]  # decode_ms, preprocess_ms, inference_ms
     error: ImageError | ModelOutputError | None = None
-    scientific_name: str | None = None
+    scientific_name: str | None = None  # of ``label``: None when unknown
+    guess: str | None = None
+    open_set_score: float | None = None
+    logits: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    embedding: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
     _source: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -51,33 +63,49 @@ class Prediction:
         return self.error is None
 
     def to_dict(self) -> dict:
-        return {
+        """JSON-ready. ``logits`` and ``embedding`` appear (as lists) only when they were asked for."""
+        data = {
             "label": self.label,
+            "guess": self.guess,
             "score": self.score,
             "index": self.index,
             "scientific_name": self.scientific_name,
-            "top_k": [{"label": label, "score": score} for label, score in self.top_k],
+            "open_set_score": self.open_set_score,
             "unknown": self.unknown,
+            "top_k": [{"label": label, "score": score} for label, score in self.top_k],
             "model": self.model,
             "timings": dict(self.timings),
             "error": None if self.error is None else {"type": type(self.error).__name__, "message": str(self.error)},
         }
+        if self.logits is not None:
+            data["logits"] = [float(v) for v in self.logits]
+        if self.embedding is not None:
+            data["embedding"] = [float(v) for v in self.embedding]
+        return data
 
     def _repr_html_(self) -> str:
         if self.error is not None:
             return (f"<div><b>{html.escape(type(self.error).__name__)}</b>: {html.escape(str(self.error))}"
                     f" <small>({html.escape(self.model)})</small></div>")
-        title = "unknown" if self.unknown else html.escape(self.label or "")
-        if self.scientific_name and not self.unknown:
-            title += f" <i>({html.escape(self.scientific_name)})</i>"
+        if self.unknown:
+            title = (f"unknown <small>(guess: {html.escape(self.guess or '')} {self.score:.3f}; "
+                     f"open-set score {self.open_set_score:.3f})</small>")
+        else:
+            title = html.escape(self.label or "")
+            if self.scientific_name:
+                title += f" <i>({html.escape(self.scientific_name)})</i>"
+            if self.open_set_score is not None:
+                title += f" <small>(open-set score {self.open_set_score:.3f})</small>"
+        # When unknown, every bar is a guess: the caption says so.
+        caption = "<caption style='text-align:left'><small>guesses</small></caption>" if self.unknown else ""
         bars = "".join(
-            f"<tr><td>{html.escape(label)}</td><td><div style='background:#4a90d9;height:10px;"
-            f"width:{max(1, round(score * 160))}px'></div></td><td>{score:.3f}</td></tr>"
+            f"<tr><td>{html.escape(label)}</td><td><div style='background:{'#aaaaaa' if self.unknown else '#4a90d9'};"
+            f"height:10px;width:{max(1, round(score * 160))}px'></div></td><td>{score:.3f}</td></tr>"
             for label, score in self.top_k
         )
         thumb = _thumbnail_html(self._source)
         return (f"<div style='display:flex;gap:12px;align-items:flex-start'>{thumb}<div><b>{title}</b>"
-                f"<table>{bars}</table><small>{html.escape(self.model)}</small></div></div>")
+                f"<table>{caption}{bars}</table><small>{html.escape(self.model)}</small></div></div>")
 
 
 def _thumbnail_html(source: Any) -> str:
@@ -465,27 +493,30 @@ class Classifier:
             timings = {"decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "inference_ms": 0.0}
             source = _keep_for_display(item)
             if i in errors:
-                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, errors[i], None, source))
+                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, errors[i], _source=source))
                 continue
             row = row_of[i]
             if not scores.finite[row]:  # NaN scores would still sort into some label: never report one
                 error = ModelOutputError(f"the model's scores for this image are not finite (NaN or infinity); "
                                          f"the model {engine.ref} or its runtime is broken")
-                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, error, None, source))
+                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, error, _source=source))
                 continue
             probabilities = scores.probabilities[row]
             order = top_k_indices(probabilities, k)
             best = int(order[0])
             timings["inference_ms"] = inference_ms
+            unknown = bool(scores.unknown[row])
             predictions.append(Prediction(
-                label=engine.names[best],
+                label=None if unknown else engine.names[best],
                 score=float(probabilities[best]),
                 index=int(engine.output_indices[best]),
                 top_k=[(engine.names[j], float(probabilities[j])) for j in order],
-                unknown=bool(scores.unknown[row]),
+                unknown=unknown,
                 model=engine.ref,
                 timings=timings,
-                scientific_name=engine.scientific[best],
+                scientific_name=None if unknown else engine.scientific[best],
+                guess=engine.names[best],
+                open_set_score=float(scores.evidence[row]),
                 _source=source,
             ))
         return predictions

@@ -14,7 +14,7 @@ __all__ = ["PostProcessor", "Scores", "top_k_indices"]
 class Scores:
     probabilities: np.ndarray  # (N, K) over the reported classes, rows sum to 1
     unknown: np.ndarray        # (N,) bool
-    evidence: np.ndarray       # (N,) what the unknown rule looked at (subset mass or top probability)
+    evidence: np.ndarray       # (N,) the open-set score: what the unknown rule looks at (subset mass or top probability)
     finite: np.ndarray         # (N,) bool: the row's outputs were all finite (else its probabilities are not)
 
 
@@ -74,7 +74,9 @@ class PostProcessor:
         # Finite outputs can still overflow here (a tiny temperature): such a row is no more usable.
         finite &= np.isfinite(probabilities).all(axis=1)
         top = probabilities.max(axis=1)
-        if self.unknown_method == "subset_mass":
+        # The open-set score: what the rule compares with its threshold. Without a rule it is still given
+        # (the subset's mass where there is a subset, else the top probability) so thresholds can be swept.
+        if self.unknown_method == "subset_mass" or (self.unknown_method is None and self.subset is not None):
             evidence = mass
         else:
             evidence = top
