@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -396,3 +397,41 @@ def test_cli_registry_commands(tmp_path: Path, home: Path) -> None:
     assert r.returncode == 1 and "not registered" in r.stderr
     r = _cli("registry", "list", "--root", str(tmp_path / "empty"), home=home)
     assert r.returncode == 0 and "no bundles" in r.stdout
+
+
+# ------------------------------------------------------------------------------------ permissions
+
+_WRITE_UNDER_UMASK = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    os.umask(int(sys.argv[1], 8))
+    from speciesclf.registry import Registry
+    registry = Registry(sys.argv[2])
+    registry.register(sys.argv[3], aliases=["production"])
+    registry.set_alias("fox-net", "staging", "1.0.0")
+""")
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in sorted(root.rglob("*"))
+            if ".tmp" not in p.relative_to(root).parts}
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750),
+                                                       (0o002, 0o664, 0o775)])
+def test_registry_files_follow_the_umask_like_ordinary_files(tmp_path: Path, umask: int, file_mode: int,
+                                                             dir_mode: int) -> None:
+    source = make_bundle(tmp_path / "src", "1.0.0")
+    root = tmp_path / "registry"
+    r = subprocess.run([sys.executable, "-c", _WRITE_UNDER_UMASK, oct(umask)[2:], str(root), str(source)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    modes = _modes(root)
+    assert modes["fox-net/aliases.json"] == file_mode  # was 0600 (mkstemp's mode) whatever the umask
+    assert modes["fox-net/versions/1.0.0/manifest.json"] == file_mode
+    files = {path: mode for path, mode in modes.items() if (root / path).is_file()}
+    dirs = {path: mode for path, mode in modes.items() if (root / path).is_dir()}
+    # Another account's view: whoever may read a version (group or others, as the umask says) may read the
+    # aliases and take the lock too, and may enter every folder on the way.
+    assert set(files.values()) == {file_mode}, files
+    assert set(dirs.values()) == {dir_mode}, dirs

@@ -8,6 +8,10 @@ Layout under the root (default ``default_home() / "registry"``)::
     .tmp/                        staging area; leftovers of crashed writers are removed after an hour
 
 Readers take no locks: every state they can observe was published by a single ``rename``/``replace``.
+
+Every file and folder is created as ``open()``/``mkdir()`` create them, 0666/0777 less the writer's umask
+(umask 022: 0644 files, 0755 folders), ``aliases.json`` and ``.lock`` included: an account that can read the
+versions can also resolve their aliases. Staging folders under ``.tmp`` are private (0700) until published.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -84,7 +89,10 @@ def split_ref(ref: object) -> tuple[str, str]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Created with mode 0666 & ~umask, as open() creates any file (mkstemp's 0600 would hide aliases.json from
+    # an account that can read the version folders beside it); the random name keeps writers apart.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, sort_keys=True, indent=2)
@@ -221,7 +229,7 @@ class Registry:
         """Exclusive lock on ``<name>/.lock`` for one mutation; yields the name directory."""
         d = self.root / name
         d.mkdir(parents=True, exist_ok=True)
-        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             # Leftovers of a writer that died between writing and replacing aliases.json.
@@ -281,7 +289,7 @@ class Registry:
     def _staging(self) -> Iterator[Path]:
         """A fresh directory under ``.tmp`` owned (flock'ed) by this process, removed afterwards."""
         work = Path(tempfile.mkdtemp(prefix="stage-", dir=self._tmp_root()))
-        fd = os.open(work / _INUSE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(work / _INUSE, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield work
