@@ -309,3 +309,86 @@ def test_closing_the_classifier_stops_the_runtime_threads(shared_dir, sample_pho
     assert any(t.name.startswith("speciesclf-onnx-lane") for t in threading.enumerate())
     clf.close()
     assert not any(t.name.startswith("speciesclf-onnx-lane") for t in threading.enumerate())
+
+
+# --- the model's declared input against the preprocessing spec (issue 12 item 2) ----------------------------
+
+def _two_input_model(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["means"], axes=[2, 3], keepdims=0),
+         helper.make_node("Add", ["means", "bias"], ["output"])],
+        "two_inputs",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224]),
+         helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("spec, named", [
+    (PreprocessSpec(size=256, resize=288), ["256", "224"]),
+    (PreprocessSpec(layout="NHWC"), ["NHWC", "NCHW"]),
+    (PreprocessSpec(dtype="uint8"), ["uint8", "float32"]),
+    (PreprocessSpec(dtype="float16"), ["float16", "float32"]),
+])
+def test_onnx_input_that_does_not_fit_the_spec_is_refused_at_load(shared_dir, spec, named):
+    # Before: these loaded, then every predict failed whole with onnxruntime's raw InvalidArgument.
+    from speciesclf import BundleError, ModelInputError
+
+    with pytest.raises(ModelInputError) as caught:
+        Classifier.load(shared_dir / "models" / "mobilenetv2-12-int8.onnx", labels="imagenet1k", preprocess=spec)
+    assert isinstance(caught.value, BundleError)
+    message = str(caught.value)
+    assert all(word in message for word in named), message
+    assert "'input'" in message and "[N, 3, 224, 224]" in message
+
+
+def test_a_multi_input_model_gets_a_clear_error(tmp_path):
+    from speciesclf import ModelInputError
+
+    # Before: ValueError: too many values to unpack (expected 1).
+    with pytest.raises(ModelInputError, match=r"2 inputs \('input', 'bias'\).*one image input"):
+        Classifier.load(_two_input_model(tmp_path / "two.onnx"), labels=["a", "b", "c"])
+
+
+def test_torch_export_input_is_checked_at_load(exported):
+    from speciesclf import ModelInputError
+
+    with pytest.raises(ModelInputError, match=r"224.*256|256.*224"):
+        _load(exported["torch-export"], preprocess=PreprocessSpec(size=256, resize=288))
+    with pytest.raises(ModelInputError, match="NHWC"):
+        _load(exported["torch-export"], preprocess=PreprocessSpec(layout="NHWC"))
+
+
+def test_torchscript_input_is_probed_at_load(exported):
+    from speciesclf import ModelInputError
+
+    # TorchScript declares no input shapes: one image of the spec's shape is run at load instead.
+    with pytest.raises(ModelInputError, match="NHWC") as caught:
+        _load(exported["torchscript"], preprocess=PreprocessSpec(layout="NHWC"))
+    assert "expected input" in str(caught.value) or "channels" in str(caught.value)
+    # The network pools over any image size: 256 is a fine input for it.
+    assert _load(exported["torchscript"], preprocess=PreprocessSpec(size=256, resize=288)).spec.size == 256
+
+
+def test_check_model_io_is_callable_on_its_own(exported):
+    from speciesclf import ModelInputError
+    from speciesclf.classifier import check_model_io
+    from speciesclf.runtimes import load_runtime
+
+    runtime = load_runtime(exported["onnx"], "onnx", device="cpu")
+    check_model_io(runtime, PreprocessSpec())
+    with pytest.raises(ModelInputError):
+        check_model_io(runtime, PreprocessSpec(layout="NHWC"))
+    manifest = speciesclf.Manifest(name="net", version="1.0.0", framework="onnx", model_file="model.onnx",
+                                   model_sha256="0" * 64, labels_file="labels.tsv", preprocess=PreprocessSpec(),
+                                   num_outputs=12)
+    with pytest.raises(speciesclf.BundleError, match="num_outputs.*12.*10 outputs"):
+        check_model_io(runtime, manifest.preprocess, manifest)

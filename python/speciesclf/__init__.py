@@ -26,6 +26,7 @@ from .errors import (
 from .info import build_info, info
 from .preprocess import Batch, preprocess_batch
 from .registry import Registry, RegistryError
+from .runtimes import ModelInputError
 from .spec import PreprocessSpec
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "ImageReadError",
     "ImageTooLargeError",
     "InvalidImageError",
+    "ModelInputError",
     "ModelOutputError",
     "Label",
     "Manifest",

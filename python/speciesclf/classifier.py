@@ -26,7 +26,7 @@ from .runtimes import framework_for_file, load_runtime
 from .sources import to_image_source
 from .spec import PreprocessSpec
 
-__all__ = ["Classifier", "Prediction"]
+__all__ = ["Classifier", "Prediction", "check_model_io"]
 
 _MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".pt2")
 
@@ -576,6 +576,114 @@ _PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def _build_engine(source: Any, *, gpu_preprocessing: bool | None = None, threads: int | None = None,
                   **options: Any) -> _Engine:
     engine = _build_runtime_engine(source, threads=threads, **options)
+    try:
+        engine = _with_gpu_preprocessing(engine, gpu_preprocessing=gpu_preprocessing, threads=threads)
+        # Against what the runtime will be fed: GPU preprocessing produces the runtime's own dtype.
+        check_model_io(engine.runtime, engine.gpu.spec if engine.gpu is not None else engine.spec,
+                       outputs=engine.outputs)
+    except BaseException:
+        _close_engine(engine)
+        raise
+    return engine
+
+
+def _close_engine(engine: _Engine) -> None:
+    if engine.gpu is not None:
+        engine.gpu.close()
+    close_runtime = getattr(engine.runtime, "close", None)
+    if callable(close_runtime):
+        close_runtime()
+
+
+def check_model_io(runtime: Any, spec: PreprocessSpec, manifest: Any = None, labels: Any = None, *,
+                   outputs: _OutputCheck | None = None) -> None:
+    """Check a loaded runtime's model against what will be fed to it and read from it; raise at the first
+    mismatch, naming both sides. ``Classifier.load`` runs it on every model; ``bundle verify`` may too.
+
+    Input: the declared input (``runtime.input_signature``: ONNX models, torch.export programs) must have
+    rank 4, 3 channels where ``spec.layout`` puts them, the spec's image size where the model fixes one and
+    (ONNX) the spec's dtype: else :class:`~speciesclf.runtimes.ModelInputError`. A TorchScript model
+    declares nothing: one image of the spec's shape is run through it instead (a "probe"), and its failure
+    is the error. Plugin runtimes without an ``input_signature`` are not checked.
+
+    Output: with ``manifest`` (and ``labels``, a bundle's Label list), the model's output width where the
+    runtime knows it (or the probe showed it) must agree with ``manifest.num_outputs``, the label subset
+    and the labels: else :class:`~speciesclf.BundleError`.
+    """
+    from .runtimes import ModelInputError
+    from .runtimes.torch_runtime import TorchRuntime
+
+    if outputs is None and manifest is not None:
+        # Without labels, the manifest's own figures stand in for them (nothing to check when it has none).
+        if labels:
+            indices = tuple(label.index for label in labels)
+        elif manifest.label_subset is not None:
+            indices = tuple(manifest.label_subset)
+        else:
+            indices = tuple(range(manifest.num_outputs)) if manifest.num_outputs else ()
+        if indices:
+            outputs = _OutputCheck(ref=manifest.ref, num_outputs=manifest.num_outputs, label_indices=indices,
+                                   max_subset=None if manifest.label_subset is None else max(manifest.label_subset))
+            outputs.check_labels()
+    what = f"{outputs.ref}: " if outputs is not None else ""
+    expected = _spec_input(spec)
+    declared = getattr(runtime, "input_signature", None)
+    if declared is not None:
+        problem = _input_mismatch(declared, spec)
+        if problem:
+            raise ModelInputError(f"{what}the model's input {declared.describe()}{_layout_hint(declared)} does not "
+                                  f"fit the preprocessing spec, which gives {expected}: {problem}")
+    elif isinstance(runtime, TorchRuntime):
+        probe = np.zeros(spec.output_shape(1), dtype=spec.numpy_dtype)
+        try:
+            result = runtime.run(probe)
+        except Exception as e:  # whatever the model raises on an input it cannot take
+            raise ModelInputError(f"{what}the model does not take the input the preprocessing spec gives, "
+                                  f"{expected}: one such image run at load failed: {_last_line(e)}") from e
+        if outputs is not None:
+            outputs.check_outputs(result)
+    if outputs is not None:
+        _check_static_width(runtime, outputs)
+
+
+def _spec_input(spec: PreprocessSpec) -> str:
+    dims = ", ".join("N" if i == 0 else str(d) for i, d in enumerate(spec.output_shape(0)))
+    return f"{spec.dtype} [{dims}] ({spec.layout}, size {spec.size})"
+
+
+def _input_mismatch(declared: Any, spec: PreprocessSpec) -> str:
+    shape = declared.shape
+    if len(shape) != 4:
+        return f"the model takes rank-{len(shape)} input, the spec gives rank 4 (batch, image)"
+    wanted = spec.output_shape(0)
+    problems = []
+    channel_axis = 1 if spec.layout == "NCHW" else 3
+    if shape[channel_axis] not in (None, 3):
+        problems.append(f"axis {channel_axis} (the channels in {spec.layout}) is {shape[channel_axis]}, not 3")
+    for axis in (1, 2, 3):
+        if axis != channel_axis and shape[axis] is not None and shape[axis] != wanted[axis]:
+            problems.append(f"axis {axis} is {shape[axis]}, the spec's is {wanted[axis]}")
+    if declared.dtype is not None and declared.dtype != spec.dtype:
+        problems.append(f"the model takes {declared.dtype}, the spec gives {spec.dtype}")
+    return "; ".join(problems)
+
+
+def _layout_hint(declared: Any) -> str:
+    shape = declared.shape
+    if len(shape) == 4 and shape[1] == 3 and shape[3] != 3:
+        return " (channels first: NCHW)"
+    if len(shape) == 4 and shape[3] == 3 and shape[1] != 3:
+        return " (channels last: NHWC)"
+    return ""
+
+
+def _last_line(error: BaseException) -> str:
+    # The last line says what went wrong: TorchScript's first ones only say where.
+    text = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {text[-1] if text else ''}"[:400]
+
+
+def _with_gpu_preprocessing(engine: _Engine, *, gpu_preprocessing: bool | None, threads: int | None) -> _Engine:
     on_gpu = str(getattr(engine.runtime, "device", "cpu")).startswith("cuda")
     if gpu_preprocessing and not on_gpu:
         raise ValueError("gpu_preprocessing=True needs the model on a GPU (device='cuda')")
@@ -644,7 +752,6 @@ def _engine_from_bundle(bundle: Any, *, device: str, backend: str, threads: int 
     # would load whatever replaced the file in between (plugin runtimes get a private copy of those bytes).
     runtime = load_runtime(bundle.model_path, m.framework, backend=backend, device=device, threads=threads,
                            options=options, data=bundle.read_model())
-    _check_static_width(runtime, check)
     indices = list(m.label_subset) if m.label_subset is not None else sorted(by_index)
     chosen = [by_index[i] for i in indices]
     post = PostProcessor(
@@ -691,7 +798,6 @@ def _engine_from_file(path: Path, *, labels: Any, preprocess: PreprocessSpec, de
     check.check_labels()
     runtime = load_runtime(path, framework_for_file(path), backend=backend, device=device, threads=threads,
                            options=options)
-    _check_static_width(runtime, check)
     return _Engine(ref=f"{path.stem}@0.0.0", runtime=runtime, spec=preprocess,
                    names=tuple(label.name for label in label_list),
                    scientific=tuple(label.scientific_name for label in label_list),

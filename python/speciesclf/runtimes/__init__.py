@@ -2,13 +2,16 @@
 
 Other packages add formats through the ``speciesclf.loaders`` entry-point group: an entry point named after
 a framework (e.g. ``tflite``) resolves to ``load(path, *, device, threads) -> runtime``, where ``runtime``
-has ``run(batch: numpy.ndarray) -> numpy.ndarray`` and optionally ``name`` and ``device`` attributes.
+has ``run(batch: numpy.ndarray) -> numpy.ndarray`` and optionally ``name`` and ``device`` attributes, an
+``input_signature`` (a :class:`ModelInput`, checked against the preprocessing spec at load) and
+``run_with_embedding(batch) -> (outputs, embeddings)`` with ``has_embedding = True``.
 The ``suffixes`` attribute of the loader (a tuple like ``(".tflite",)``) lets raw model files pick it.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -17,7 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-__all__ = ["Runtime", "ModelLoadError", "load_runtime", "framework_for_file"]
+from ..bundle import BundleError
+
+__all__ = ["Runtime", "ModelInput", "ModelInputError", "ModelLoadError", "load_runtime", "framework_for_file"]
 
 _SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".pt2": "torch-export"}
 
@@ -27,6 +32,26 @@ class ModelLoadError(RuntimeError):
 
     Each runtime's own exception (onnxruntime's InvalidProtobuf is no RuntimeError) is its ``__cause__``.
     """
+
+
+class ModelInputError(BundleError):
+    """The model's declared input does not fit the preprocessing spec (rank, channels, image size, dtype),
+    or the model takes more than the one image input speciesclf feeds it. Raised at load, naming both."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+    """A model's declared image input: ``shape`` has None for a dimension the model leaves free (a symbolic
+    batch size); ``dtype`` is a NumPy-style name, or None where the runtime converts its input itself."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str | None
+
+    def describe(self) -> str:
+        dims = ", ".join("N" if i == 0 and d is None else ("?" if d is None else str(d))
+                         for i, d in enumerate(self.shape))
+        return f"{self.name!r}: {self.dtype or 'any dtype'} [{dims}]"
 
 
 class Runtime(Protocol):

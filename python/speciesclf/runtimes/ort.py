@@ -12,6 +12,9 @@ import numpy as np
 
 __all__ = ["OnnxRuntime"]
 
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(double)": "float64", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+
 # A second session holds a second copy of the weights: beyond this size, parallel runs are only made on request.
 _PARALLEL_RUNS_MAX_MODEL_BYTES = 256 * 2**20
 
@@ -88,7 +91,14 @@ class OnnxRuntime:
         self._lane_pool: ThreadPoolExecutor | None = None
         self._lane_pool_pid = 0
         self._lane_lock = threading.Lock()
-        (model_input,) = self.session.get_inputs()
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            from . import ModelInputError
+
+            names = ", ".join(repr(i.name) for i in inputs)
+            raise ModelInputError(f"{Path(path).name}: the model has {len(inputs)} inputs ({names}); speciesclf feeds "
+                                  "one image input (a batch of preprocessed images): export the model with one input")
+        (model_input,) = inputs
         self.input_name = model_input.name
         self.input_shape = model_input.shape
         # A model exported with a fixed batch size (torch.onnx.export without dynamic axes: often 1) only takes
@@ -103,6 +113,18 @@ class OnnxRuntime:
         shape = self.session.get_outputs()[0].shape
         width = shape[-1] if len(shape) == 2 else None
         return width if isinstance(width, int) and width > 0 else None
+
+    @property
+    def input_signature(self):
+        """The model's declared input (its name, shape and dtype), a :class:`~speciesclf.runtimes.ModelInput`."""
+        from . import ModelInput
+
+        model_input = self.session.get_inputs()[0]
+        shape = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
+                      for d in (model_input.shape or ()))
+        kind = model_input.type
+        dtype = _ORT_TYPES.get(kind, kind.removeprefix("tensor(").removesuffix(")"))
+        return ModelInput(model_input.name, shape, dtype)
 
     @property
     def input_dtype(self) -> str:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import BundleError
+
 __all__ = ["TorchRuntime"]
 
 
@@ -38,15 +40,18 @@ class TorchRuntime:
             raise ValueError(f"TorchRuntime loads torchscript or torch-export models, not {framework!r}")
         # BytesIO over bytes shares their buffer: the checked bytes are loaded without a second copy.
         source = str(path) if data is None else io.BytesIO(data)
+        self.input_signature = None  # TorchScript declares no input shapes (check_model_io probes it instead)
         try:
             if framework == "torchscript":
                 module = torch.jit.load(source, map_location=device)
                 module.eval()
             else:
                 # An ExportedProgram was traced in the mode it was exported in; its module has no eval().
-                module = torch.export.load(source).module().to(device)
-        except (Warning, MemoryError):
-            raise  # a deprecation warning turned error (pytest), or memory: not the model's fault
+                program = torch.export.load(source)
+                self.input_signature = _exported_input(program, Path(path).name)
+                module = program.module().to(device)
+        except (Warning, MemoryError, BundleError):
+            raise  # a deprecation warning turned error (pytest), memory, or our own refusal
         except Exception as e:  # RuntimeError, pickle and zip errors...: torch has no one type for a bad file
             from . import ModelLoadError
 
@@ -106,3 +111,20 @@ class TorchRuntime:
         static_input.copy_(x)
         graph.replay()
         return static_output
+
+
+def _exported_input(program, name: str):
+    """The one image input an ExportedProgram declares: its traced shape (None for a dynamic dimension).
+    Its dtype is left open: ``run`` converts every batch to the runtime's dtype."""
+    from . import ModelInput, ModelInputError
+
+    names = list(program.graph_signature.user_inputs)
+    if len(names) != 1:
+        raise ModelInputError(f"{name}: the model has {len(names)} inputs ({', '.join(map(repr, names))}); speciesclf "
+                              "feeds one image input (a batch of preprocessed images): export the model with one input")
+    node = next((n for n in program.graph.nodes if n.op == "placeholder" and n.name == names[0]), None)
+    value = None if node is None else node.meta.get("val")
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return None
+    return ModelInput(names[0], tuple(d if isinstance(d, int) else None for d in shape), None)
