@@ -46,7 +46,8 @@ def _private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPECIESCLF_HOME", str(tmp_path / "home"))
 
 
-def _onnx_model(width: int, *, static: bool = True, bias: float = 0.0) -> bytes:
+def _onnx_model(width: int, *, static: bool = True, bias: float = 0.0,
+                input_shape: tuple = ("N", 3, "H", "W")) -> bytes:
     """(N, 3, H, W) -> (N, width): the channel means times a fixed matrix (plus ``bias``).
 
     ``static=False`` declares the output width symbolic, so that only a run tells it.
@@ -58,7 +59,7 @@ def _onnx_model(width: int, *, static: bool = True, bias: float = 0.0) -> bytes:
             helper.make_node("MatMul", ["means", "weight"], ["output"]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_shape))],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", width if static else "classes"])],
         [helper.make_tensor("weight", TensorProto.FLOAT, [3, width], weight.ravel().tolist())],
     )
@@ -464,3 +465,92 @@ def test_the_service_answers_nan_scores_as_its_own_failure():
 
     error = error_for_prediction(ModelOutputError("scores are not finite"))
     assert (error.status, error.code) == (500, "model_error")
+
+
+# --- bundle verify loads the model; inspect says when a bundle was tampered with ------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    from speciesclf.cli import main
+
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_verify_refuses_random_bytes_as_model_onnx(tmp_path: Path, capsys):
+    path = _bundle(tmp_path, os.urandom(1024), [Label(0, "a")])  # its sha256 is right: only a load tells
+    rc, out, err = _cli(capsys, "bundle", "verify", str(path))
+    assert rc == 1 and out == "", out  # before: "tiny@1.0.0: ok (sha256 ...)" and exit 0
+    assert err.startswith("speciesclf: error: ") and "onnxruntime cannot load the model" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(BundleError, match="onnxruntime cannot load the model"):
+        Bundle.open(path).check_model()
+    rc, out, err = _cli(capsys, "bundle", "verify", "--hash-only", str(path))  # what --hash-only promises
+    assert rc == 0 and "sha256" in out and "not loaded" in out
+
+
+def test_verify_loads_a_sound_model_and_runs_a_test_image(tmp_path: Path, capsys):
+    path = _bundle(tmp_path, _onnx_model(4), [Label(i, f"c{i}") for i in range(4)], num_outputs=4)
+    check = Bundle.open(path).check_model()
+    assert (check.runtime, check.device, check.classes, check.outputs) == ("onnxruntime", "cpu", 4, 4)
+    rc, out, err = _cli(capsys, "bundle", "verify", str(path))
+    assert rc == 0, err
+    assert out.startswith("tiny@1.0.0: ok") and "onnxruntime" in out and "4 outputs" in out
+
+
+def test_verify_compares_the_model_s_outputs_with_the_manifest(tmp_path: Path, capsys):
+    path = _bundle(tmp_path, _onnx_model(5), [Label(i, f"c{i}") for i in range(3)], num_outputs=3)
+    rc, out, err = _cli(capsys, "bundle", "verify", str(path))
+    assert rc == 1 and "manifest.num_outputs: tiny@1.0.0 says 3, but its model has 5 outputs" in err
+
+
+def test_verify_compares_the_model_s_declared_input_with_the_preprocessing(tmp_path: Path, capsys):
+    model = _onnx_model(2, input_shape=("N", 3, 64, 64))  # the manifest's preprocessing gives 32x32
+    path = _bundle(tmp_path, model, [Label(0, "a"), Label(1, "b")], num_outputs=2)
+    rc, out, err = _cli(capsys, "bundle", "verify", str(path))
+    assert rc == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "64" in err and "32" in err, err
+
+
+def test_verify_runs_a_torch_model_to_learn_its_width(tmp_path: Path, capsys):
+    import io
+    import warnings
+
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5)).eval()
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        batch = torch.export.Dim("batch", min=1, max=64)
+        torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: batch},)),
+                          buffer)
+    src = tmp_path / "net.pt2"
+    src.write_bytes(buffer.getvalue())
+    labels = [Label(i, f"c{i}") for i in range(5)]
+    good = create_bundle(tmp_path / "good", model_file=src, labels=labels, name="tiny", version="1.0.0",
+                         preprocess=SPEC, num_outputs=5)
+    rc, out, err = _cli(capsys, "bundle", "verify", str(good))
+    assert rc == 0 and "torch" in out and "5 outputs" in out, err
+    bad = create_bundle(tmp_path / "bad", model_file=src, labels=labels[:3], name="tiny", version="1.0.0",
+                        preprocess=SPEC, num_outputs=3)
+    rc, out, err = _cli(capsys, "bundle", "verify", str(bad))
+    assert rc == 1 and "says 3, but its model has 5 outputs" in err
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_inspect_of_a_tampered_bundle_says_so_and_fails(tmp_path: Path, capsys, as_json: bool):
+    path = _bundle(tmp_path, _onnx_model(2), [Label(0, "a"), Label(1, "b")], num_outputs=2)
+    json_flag = ["--json"] if as_json else []
+    rc, out, err = _cli(capsys, "bundle", "inspect", str(path), *json_flag)
+    assert rc == 0 and err == "", err
+    (path / "model.onnx").write_bytes(_onnx_model(2, bias=1.0))  # same size and kind, other weights
+    rc, out, err = _cli(capsys, "bundle", "inspect", str(path), *json_flag)
+    assert rc == 1  # before: 0, and not a word about it
+    assert err.startswith("speciesclf: error: model_sha256 mismatch"), err
+    # The manifest is still shown: what the bundle claims to be helps to find out what happened.
+    if as_json:
+        assert json.loads(out)["name"] == "tiny"
+    else:
+        assert "tiny@1.0.0" in out and "MISMATCH" in out

@@ -150,17 +150,21 @@ def test_odd_file_names_keep_one_row_each_in_every_format(odd_names: Path, share
 
     table = _classify([str(odd_names), "--model", "imagenet1k"], shared_dir)
     assert table.returncode == 0, table.stderr.decode()
-    assert len(table.stdout.decode("utf-8").splitlines()) == 4  # a newline in a name does not split its row
+    lines = table.stdout.decode("utf-8").splitlines()
+    assert len(lines) == 1 + 4 and lines[0].startswith("FILE ")  # a newline in a name does not split its row
     rows = list(csv.reader(io.StringIO(_classify([str(odd_names), "--model", "imagenet1k", "--format", "csv"],
                                                  shared_dir).stdout.decode("utf-8"))))
-    assert len(rows) == 5 and all(len(row) == 7 for row in rows)
+    assert len(rows) == 5 and all(len(row) == len(rows[0]) == 10 for row in rows)
     names = sorted(Path(row[0]).name for row in rows[1:])
     assert names == sorted(["caf\\xe9.jpg", "new\nline.jpg", 'comma, "quote".jpg', "plain.jpg"])
     assert {row[1] for row in rows[1:]} == {"tench"}
-    out = _classify([str(odd_names), "--model", "imagenet1k", "--format", "json"], shared_dir).stdout
+    out = _classify([str(odd_names), "--model", "imagenet1k", "--format", "jsonl"], shared_dir).stdout
     objects = [json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
                for line in out.decode("utf-8").splitlines()]
     assert len(objects) == 4 and all(o["label"] == "tench" for o in objects)
+    out = _classify([str(odd_names), "--model", "imagenet1k", "--format", "json"], shared_dir).stdout
+    array = json.loads(out.decode("utf-8"), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert [o["file"] for o in array] == [o["file"] for o in objects]
 
 
 def test_a_path_the_os_cannot_look_up_fails_on_its_own_row(image: Path, shared_dir: Path) -> None:

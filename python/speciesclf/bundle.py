@@ -42,6 +42,7 @@ __all__ = [
     "UnknownRule",
     "Manifest",
     "Bundle",
+    "ModelCheck",
     "create_bundle",
     "read_labels",
     "write_labels",
@@ -158,6 +159,11 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _one_line(text: str) -> str:
+    """A runtime's multi-line message as one line (onnxruntime lists each bad dimension on its own)."""
+    return re.sub(r"\s*\n\s*", "; ", re.sub(r":\s*\n\s*", ": ", text.strip()))
 
 
 def _utc_now() -> str:
@@ -667,6 +673,48 @@ class Bundle:
             raise BundleError(f"manifest.model_file: {self.manifest.model_file!r} not found in {self.path}")
         self._check_sha256(_sha256_file(self.model_path))
 
+    def check_model(self, *, device: str = "cpu") -> ModelCheck:
+        """Load the model with its runtime and run one test image through it, as a Classifier would.
+
+        :meth:`verify` only proves the file is the one the manifest names; this proves the file is a model
+        that fits the manifest: the runtime parses it (onnxruntime builds a session, torch loads the
+        archive); its declared input fits ``manifest.preprocess`` and its output width the labels,
+        ``num_outputs`` and ``label_subset`` (``Classifier.load``'s own checks,
+        :func:`speciesclf.classifier.check_model_io`); and a test image preprocessed as the manifest says
+        runs through it and gives finite scores. Raises BundleError (its ModelInputError subclass for the
+        input) naming what does not fit; the runtime's own error is the ``__cause__``.
+        """
+        import numpy as np
+
+        from .classifier import Classifier
+        from .runtimes import ModelLoadError
+
+        spec = self.manifest.preprocess
+        try:
+            classifier = Classifier.load(self, device=device, batch_size=1)
+        except ModelLoadError as e:
+            raise BundleError(f"{self.ref}: {e}") from e
+        with classifier:
+            probe = np.full((max(spec.size, 8), max(spec.size, 8), 3), 128, dtype=np.uint8)
+            shape = "x".join(map(str, spec.output_shape(1)))
+            try:
+                prediction = classifier.predict(probe, return_logits=True)
+            except BundleError:
+                raise  # an output width known only after a run (torch): already names the field
+            except Exception as e:  # the runtime's own error type: onnxruntime's InvalidArgument, torch's...
+                raise BundleError(
+                    f"{self.ref}: the model refuses a test image preprocessed as manifest.preprocess says "
+                    f"({shape} {spec.dtype} {spec.layout}, size {spec.size}): {_one_line(str(e))}"
+                ) from e
+            if prediction.error is not None:
+                raise BundleError(f"{self.ref}: a test image: {prediction.error}") from prediction.error
+            outputs = None if prediction.logits is None else int(np.size(prediction.logits))
+            # The runtime load_runtime picks for the framework (backend "auto"): a plugin goes by its own name.
+            framework = self.manifest.framework
+            runtime = {"onnx": "onnxruntime", "torchscript": "torch", "torch-export": "torch"}.get(framework, framework)
+            return ModelCheck(runtime=runtime, device=classifier.device, classes=len(classifier.labels),
+                              outputs=outputs, input=f"{shape} {spec.dtype} {spec.layout}")
+
     def read_model(self) -> bytes:
         """The model file's bytes, read once and checked against ``manifest.model_sha256``.
 
@@ -713,6 +761,17 @@ class Bundle:
 
     def __repr__(self) -> str:
         return f"Bundle({self.ref!r}, path={str(self.path)!r}, framework={self.manifest.framework!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCheck:
+    """What :meth:`Bundle.check_model` found: the runtime that loaded the model and what a test image gave."""
+
+    runtime: str  # "onnxruntime", "torch" or a plugin's name
+    device: str
+    classes: int  # classes reported (the label subset, or every label)
+    outputs: int | None  # the model's output width on the test image
+    input: str  # the test batch fed to it, e.g. "1x3x224x224 float32 NCHW"
 
 
 def _copy_hashing(src: Path, dst: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -89,10 +90,20 @@ def _one_line_errors(run):
         except BrokenPipeError:
             raise  # the reader went away (| head): main() ends quietly
         except (ValueError, RuntimeError, OSError) as e:
-            print(f"speciesclf: error: {e}", file=sys.stderr)
+            # One line even when a library's message has several (a runtime's list of bad dimensions).
+            message = re.sub(r"\s*\n\s*", "; ", re.sub(r":\s*\n\s*", ": ", str(e).strip()))
+            print(f"speciesclf: error: {message}", file=sys.stderr)
             return 1
 
     return wrapped
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    """--progress auto: a bar on stderr when stderr is a terminal and stdout is not (on one terminal the
+    rows themselves show the progress, and a bar would be drawn across them)."""
+    if args.progress == "auto":
+        return sys.stderr.isatty() and not sys.stdout.isatty() and not args.quiet
+    return args.progress == "on"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -102,31 +113,149 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replace_file(path: Path, write) -> None:
+    """Write through a temporary sibling and rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .errors import error_body
     from .preprocess import preprocess_batch
     from .spec import PreprocessSpec
 
-    paths = _image_paths(args.paths)
+    problems: list[str] = []
+    paths = _image_paths(args.paths, problems)
+    for problem in problems:
+        print(f"speciesclf: warning: {problem}", file=sys.stderr)
+    if not paths:
+        print("speciesclf: error: no images found", file=sys.stderr)
+        return 1
     spec = PreprocessSpec(size=args.size, resize=args.resize or None, dtype=args.dtype, layout=args.layout)
     start = time.perf_counter()
     batch = preprocess_batch(paths, spec, backend=args.backend, threads=args.threads, on_error="skip")
     elapsed = time.perf_counter() - start
     for i, error in sorted(batch.errors.items()):
-        print(f"{paths[i]}: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"{_shown(paths[i])}: {type(error).__name__}: {error}", file=sys.stderr)
     print(
         f"{int(batch.ok.sum())}/{len(paths)} images -> array {tuple(batch.array.shape)} {batch.array.dtype} "
         f"in {elapsed * 1000:.0f} ms ({len(paths) / max(elapsed, 1e-9):.0f} img/s)"
     )
     if args.output:
-        import numpy as np
+        if not batch.ok.any():
+            print("speciesclf: error: no image could be preprocessed: nothing written", file=sys.stderr)
+            return 1
+        target = Path(args.output if args.output.endswith(".npy") else args.output + ".npy")
+        stem = str(target)[: -len(".npy")]
+        # Failed rows hold NaN (0 for uint8): the mask and the index beside the array say which rows those are.
+        index = {
+            "files": [_shown(p) for p in paths],
+            "errors": [{"index": i, "file": _shown(paths[i]), **error_body(e)} for i, e in sorted(batch.errors.items())],
+        }
+        _replace_file(Path(stem + ".ok.npy"), lambda f: np.save(f, batch.ok))
+        _replace_file(Path(stem + ".index.json"),
+                      lambda f: f.write((json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode()))
+        _replace_file(target, lambda f: np.save(f, batch.array))
+    return 0 if batch.all_ok and not problems else 1
 
-        np.save(args.output, batch.array)
-    return 0 if batch.all_ok else 1
+
+# --- classify's output ---------------------------------------------------------------------------------------
+
+_GUESS = "unknown (guess: {guess} {score:.3f})"
+
+
+def _label_text(p) -> str:
+    """The label column: the class, or ``unknown`` with the best guess visibly marked as a guess."""
+    if p.unknown:
+        return _GUESS.format(guess=_one_line(p.guess or "?"), score=p.score if p.score is not None else math.nan)
+    return _one_line(p.label or "")
+
+
+def _error_fields(p) -> tuple[str, str]:
+    """(code, message) of a failed prediction, as its JSON carries them."""
+    error = p.to_dict()["error"] or {}
+    return str(error.get("code") or error.get("type") or ""), str(error.get("message", ""))
+
+
+def _fit_left(text: str, width: int) -> str:
+    """``text`` in ``width`` characters, cut at the left (the end of a path says most) with an ellipsis."""
+    return text if len(text) <= width else "\u2026" + text[len(text) - width + 1:]
+
+
+class _Table:
+    """classify's table: a header, then one aligned row per image.
+
+    Rows are printed as predictions arrive, so the widths are settled first, from what the rows can hold:
+    the file column from the file names, the label column from the model's class names (plus the
+    ``unknown (guess: ...)`` form when the model has an open-set rule). On a terminal the file column gives
+    way to fit the terminal's width (names cut at the left) and the top-k column is cut at the right.
+    """
+
+    def __init__(self, names: list[str], labels: list[str], *, can_be_unknown: bool, top_k: int,
+                 columns: int | None) -> None:
+        self.columns = columns
+        longest = max((len(_one_line(label)) for label in labels), default=0)
+        self.label_width = max(len("LABEL"), longest,
+                               len(_GUESS.format(guess="x" * longest, score=0.0)) if can_be_unknown else 0)
+        self.file_width = max([len("FILE"), *map(len, names)])
+        fixed = 2 + self.label_width + 2 + 5 + 2 + len("OPEN-SET") + 2
+        if columns is not None and self.file_width + fixed + 24 > columns:
+            self.file_width = max(len("FILE"), 16, columns - fixed - 24)  # 24: room for the top-k column
+        self.top_header = f"TOP-{top_k}"
+
+    def _line(self, file: str, rest: str) -> str:
+        line = f"{_fit_left(file, self.file_width):<{self.file_width}}  {rest}".rstrip()
+        if self.columns is not None and len(line) > self.columns:
+            line = line[: self.columns - 1] + "\u2026"
+        return line
+
+    def header(self) -> str:
+        return self._line("FILE", f"{'LABEL':<{self.label_width}}  {'SCORE':>5}  OPEN-SET  {self.top_header}")
+
+    def row(self, name: str, p) -> str:
+        if p.error is not None:
+            code, message = _error_fields(p)
+            return self._line(_one_line(name), _one_line(f"error: {code}: {message}"))
+        score = "-" if p.unknown or p.score is None else f"{p.score:.3f}"
+        open_set = "" if p.open_set_score is None else f"{p.open_set_score:.3f}"
+        top = "; ".join(f"{_one_line(label)} {score_:.3f}" for label, score_ in p.top_k)
+        return self._line(_one_line(name), f"{_label_text(p):<{self.label_width}}  {score:>5}  {open_set:>8}  {top}")
+
+
+_CSV_COLUMNS = ["file", "label", "guess", "score", "open_set_score", "unknown", "scientific_name", "top_k",
+                "error_code", "error"]
+
+
+def _csv_row(name: str, p) -> list[str]:
+    def number(value) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    code, message = _error_fields(p) if p.error is not None else ("", "")
+    top = "; ".join(f"{label} {score:.4f}" for label, score in p.top_k)
+    return [name, p.label or "", p.guess or "", number(p.score), number(p.open_set_score),
+            "true" if p.unknown else "false", p.scientific_name or "", top, code, message]
+
+
+def _can_be_unknown(classifier) -> bool:
+    from .evaluate import open_set_rule
+
+    return open_set_rule(classifier) is not None
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     import csv
     import json
+    import shutil
 
     from .classifier import Classifier
 
@@ -140,68 +269,181 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     # Errors (no such model, no GPU, a model that is not valid ONNX, ...) reach _one_line_errors.
     clf = Classifier.load(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
                           precision=args.precision)
-    # The progress line goes to stderr; on the terminal that also shows the rows it would mix with them.
-    progress = sys.stderr.isatty() and not sys.stdout.isatty() and not args.quiet
+    names = [_shown(p) for p in paths]
     failed = 0
-    writer = csv.writer(sys.stdout) if args.format == "csv" else None
-    if writer:
-        writer.writerow(["file", "label", "scientific_name", "score", "unknown", "top_k", "error"])
-    for i, p in enumerate(clf.predict_iter(paths, top_k=args.top_k, progress=progress)):
-        name = _shown(paths[i])
+    fmt = args.format
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(_CSV_COLUMNS)
+    elif fmt == "table":
+        columns = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+        table = _Table([_one_line(n) for n in names], clf.labels, can_be_unknown=_can_be_unknown(clf),
+                       top_k=args.top_k, columns=columns)
+        print(table.header())
+    elif fmt == "json":
+        print("[")
+    predictions = clf.predict_iter(paths, top_k=args.top_k, progress=_show_progress(args))
+    for i, p in enumerate(predictions):
+        name = names[i]
         failed += not p.ok
-        error = f"{type(p.error).__name__}: {p.error}" if p.error else ""
-        top = "; ".join(f"{label} {score:.3f}" for label, score in p.top_k)
-        if args.format == "json":
-            print(json.dumps(_finite_or_none({"file": name, **p.to_dict()}), allow_nan=False))
-        elif writer:
-            writer.writerow([name, p.label or "", p.scientific_name or "", "" if p.score is None else f"{p.score:.4f}",
-                             p.unknown, top, error])
+        if fmt in ("json", "jsonl"):
+            text = json.dumps(_finite_or_none({"file": name, **p.to_dict()}), allow_nan=False, ensure_ascii=False)
+            print(text if fmt == "jsonl" or i == len(paths) - 1 else text + ",")
+        elif fmt == "csv":
+            writer.writerow(_csv_row(name, p))
         else:
-            label = _one_line(error) or ("unknown" if p.unknown else p.label)
-            score = "" if p.score is None else f"{p.score:.3f}"
-            print(f"{_one_line(name):<50} {label:<32} {score:>6}  {'' if p.error else top}")
+            print(table.row(name, p))
+    if fmt == "json":
+        print("]")
     if failed:
         print(f"{failed} of {len(paths)} images could not be classified", file=sys.stderr)
     return 1 if failed or problems else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="speciesclf", description="Image classification as a component.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _thresholds(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"--thresholds: expected comma-separated numbers in [0, 1], got {text!r}")
+    return values
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .classifier import Classifier
+    from .evaluate import evaluate, load_dataset
+
+    if args.per_class == "all":
+        per_class = None
+    elif args.per_class.isdecimal():
+        per_class = int(args.per_class)
+    else:
+        raise ValueError(f"--per-class: expected a count or 'all', got {args.per_class!r}")
+    thresholds = None if args.thresholds is None else _thresholds(args.thresholds)
+    data = load_dataset(args.data, label_column=args.label_column)  # before the model: a bad CSV fails fast
+    with Classifier.load(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
+                         precision=args.precision) as clf:
+        report = evaluate(clf, data, match=args.match, thresholds=thresholds, progress=_show_progress(args))
+    if args.json:
+        print(json.dumps(_finite_or_none(report.to_dict()), indent=2, ensure_ascii=False, allow_nan=False))
+    else:
+        print(report.format(per_class=per_class))
+    if report.errors:
+        print(f"speciesclf: warning: {len(report.errors)} of {report.images} images could not be classified",
+              file=sys.stderr)
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one and the text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
+                and "default" not in text):
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _add_progress_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="a progress bar (rate, ETA) on stderr; auto: when stderr is a terminal and stdout is not")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the same as --progress off)")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="species100",
+                   help="bundle path, registry reference (name@version|alias) or built-in model")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (GPU decoding and inference)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="inference dtype of torch models (fp16/bf16 on GPUs); default: the model's own")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per inference call")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="threads for preprocessing and inference; default: the cores this process may use")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``speciesclf`` argument parser (every subcommand)."""
+    from ._version import __version__
+    from .classifier import Classifier
+    import inspect
+
+    parser = _Parser(prog="speciesclf", description="Image classification as a component.")
+    parser.add_argument("--version", action="version", version=f"speciesclf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # One default for the number of guesses: the library's own (Python and HTTP answer with the same).
+    top_k_default = inspect.signature(Classifier.predict).parameters["top_k"].default
 
     p = sub.add_parser("classify", help="classify images (files or folders) with a model")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--model", default="species100",
-                   help="bundle path, registry reference (name@version|alias) or built-in model (default: species100)")
-    p.add_argument("--top-k", type=_positive_int, default=3)
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (GPU decoding and inference)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="inference dtype of torch models (fp16/bf16 on GPUs)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--threads", type=_positive_int, default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
+    _add_model_options(p)
+    p.add_argument("--top-k", type=_positive_int, default=top_k_default, help="guesses shown per image")
+    p.add_argument("--format", choices=["table", "json", "jsonl", "csv"], default="table",
+                   help="table: aligned columns with a header; json: one JSON array; jsonl: one JSON object per "
+                        "line (JSON Lines); csv: a header row, then one row per image")
+    _add_progress_options(p)
     p.set_defaults(run=_one_line_errors(_cmd_classify))
 
+    p = sub.add_parser("evaluate", help="accuracy of a model on a labelled dataset (a class-folder tree or a "
+                                        "labels CSV): top-1/top-5, per class, unknown rate, open-set threshold sweep")
+    p.add_argument("data", help="a folder with one subfolder per class, or a labels CSV (a file column and a "
+                                "class name and/or class_index column; paths relative to the CSV)")
+    _add_model_options(p)
+    p.add_argument("--match", choices=["auto", "name", "index"], default="auto",
+                   help="how dataset classes meet model classes: by name (case, '_' and '-' ignored) or by "
+                        "class_index as the model's output index; auto: by name when the dataset has names")
+    p.add_argument("--label-column", default=None,
+                   help="the CSV column of class names; default: the first of species, name, label, class, "
+                        "class_name, animal")
+    p.add_argument("--thresholds", default=None, metavar="T1,T2,...",
+                   help="open-set score thresholds to sweep; default: 0.05 to 0.95 in steps of 0.05")
+    p.add_argument("--per-class", default="20", metavar="N|all",
+                   help="classes shown in the printed per-class table, worst recall first (all of them in --json)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    _add_progress_options(p)
+    p.set_defaults(run=_one_line_errors(_cmd_evaluate))
+
     p = sub.add_parser("info", help="version, native module, codecs, threads, CUDA")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(run=_cmd_info)
 
     p = sub.add_parser("preprocess", help="decode, resize, crop and normalise images into one batch")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=int, default=224, help="output height and width")
     p.add_argument("--resize", type=int, default=256, help="shorter side before the crop; 0 squashes")
-    p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default="float32")
-    p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
-    p.add_argument("--backend", choices=["auto", "native", "python"], default="auto")
-    p.add_argument("--threads", type=_positive_int, default=None)
-    p.add_argument("--output", help="save the batch as a .npy file")
+    p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default="float32", help="output dtype")
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="output layout")
+    p.add_argument("--backend", choices=["auto", "native", "python"], default="auto",
+                   help="native: the C++ core; python: Pillow; auto: native where it is built")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="decoding threads; default: the cores this process may use")
+    p.add_argument("--output", metavar="FILE.npy",
+                   help="save the batch as a .npy file, with FILE.ok.npy (which rows hold an image) and "
+                        "FILE.index.json (the file of each row, the errors) beside it; nothing is written "
+                        "when no image could be read")
     p.set_defaults(run=_one_line_errors(_cmd_preprocess))
 
     _add_bundle_registry_commands(sub)
     _add_serve_command(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except KeyboardInterrupt:  # Ctrl-C: stop without a traceback, with the shell's status for SIGINT
@@ -311,15 +553,26 @@ def _bundle_summary(bundle) -> str:
 
 
 def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
+    """The manifest as the bundle states it, and whether its model file is still the one it names: a
+    tampered bundle is shown (what it claims to be helps to find out what happened) and the command fails."""
     import json
 
-    from .bundle import Bundle
+    from .bundle import Bundle, BundleError
 
     with Bundle.open(args.path, verify=False) as bundle:
+        try:
+            bundle.verify()
+            tampered = None
+        except BundleError as e:
+            tampered = e
         if args.json:
             print(json.dumps(bundle.manifest.to_dict(), sort_keys=True, indent=2, ensure_ascii=False))
         else:
             print(_bundle_summary(bundle))
+            print(f"integrity   {'MISMATCH: the model file is not the one the manifest names' if tampered else 'ok'}")
+    if tampered is not None:
+        print(f"speciesclf: error: {tampered}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -327,7 +580,16 @@ def _cmd_bundle_verify(args: argparse.Namespace) -> int:
     from .bundle import Bundle
 
     with Bundle.open(args.path, verify=True) as bundle:
-        print(f"{bundle.ref}: ok (sha256 {bundle.manifest.model_sha256})")
+        digest = bundle.manifest.model_sha256
+        if args.hash_only:
+            print(f"{bundle.ref}: ok (sha256 {digest} matches; the model was not loaded: --hash-only)")
+            return 0
+        check = bundle.check_model(device=args.device)
+    width = f"{check.outputs} outputs" if check.outputs is not None else "its outputs"
+    print(f"{bundle.ref}: ok\n"
+          f"  sha256    {digest} matches the manifest\n"
+          f"  model     {check.runtime} loads it on {check.device}\n"
+          f"  test run  a {check.input} batch gives {width}, finite, read as {check.classes} classes")
     return 0
 
 
@@ -400,36 +662,50 @@ def _add_bundle_registry_commands(sub) -> None:
     p.add_argument("out", help="the bundle directory to create, or a path ending in .zip")
     p.add_argument("--model", required=True, help="model file (.onnx, .pt, .pt2)")
     p.add_argument("--labels", required=True, help="labels TSV: index<TAB>name[<TAB>scientific_name]")
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True, help="bundle name: ^[a-z0-9][a-z0-9._-]{0,63}$")
     p.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
-    p.add_argument("--framework", choices=["onnx", "torchscript", "torch-export"], help="default: from the suffix")
-    p.add_argument("--size", type=int, default=defaults.size)
+    p.add_argument("--framework", choices=["onnx", "torchscript", "torch-export"],
+                   help="the model's format; default: from the suffix (.onnx, .pt, .pt2)")
+    p.add_argument("--size", type=int, default=defaults.size, help="model input height and width")
     p.add_argument("--resize", type=int, default=defaults.resize, help="shorter side before the crop; 0 squashes")
-    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
-    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
-    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default=defaults.interpolation)
-    p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default=defaults.dtype)
-    p.add_argument("--layout", choices=["NCHW", "NHWC"], default=defaults.layout)
-    p.add_argument("--output-kind", choices=["logits", "probabilities"], default="logits")
-    p.add_argument("--num-outputs", type=int)
-    p.add_argument("--label-subset", type=_index_list, help="comma-separated model output indices to keep")
-    p.add_argument("--unknown-method", choices=["subset_mass", "max_probability"])
-    p.add_argument("--unknown-threshold", type=float)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--metric", type=_metric_pair, action="append", metavar="KEY=VALUE")
-    p.add_argument("--parent-version")
-    p.add_argument("--training-data")
-    p.add_argument("--notes", default="")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help=f"normalisation mean; default: {' '.join(map(str, defaults.mean))} (ImageNet)")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help=f"normalisation std; default: {' '.join(map(str, defaults.std))} (ImageNet)")
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default=defaults.interpolation,
+                   help="resampling filter")
+    p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default=defaults.dtype,
+                   help="model input dtype")
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], default=defaults.layout, help="model input layout")
+    p.add_argument("--output-kind", choices=["logits", "probabilities"], default="logits",
+                   help="what the model returns")
+    p.add_argument("--num-outputs", type=int, help="the model's output width; default: not stated (checked at load)")
+    p.add_argument("--label-subset", type=_index_list,
+                   help="comma-separated model output indices to keep (renormalised); default: all outputs")
+    p.add_argument("--unknown-method", choices=["subset_mass", "max_probability"],
+                   help="open-set rule (with --unknown-threshold); default: none, never unknown")
+    p.add_argument("--unknown-threshold", type=float, help="unknown when the rule's score is below it (0 < t < 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
+    p.add_argument("--metric", type=_metric_pair, action="append", metavar="KEY=VALUE",
+                   help="a metric to record, e.g. top1=0.91 (repeatable)")
+    p.add_argument("--parent-version", help="lineage: the version this one was derived from")
+    p.add_argument("--training-data", help="lineage: what it was trained on")
+    p.add_argument("--notes", default="", help="free text")
     p.add_argument("--link", action="store_true", help="hard-link the model instead of copying it (if possible)")
     p.set_defaults(run=_one_line_errors(_cmd_bundle_create))
 
-    p = bsub.add_parser("inspect", help="print a bundle's manifest")
+    p = bsub.add_parser("inspect", help="print a bundle's manifest; exit 1 when its model file does not match "
+                                        "the manifest's sha256")
     p.add_argument("path", help="bundle directory or .zip")
     p.add_argument("--json", action="store_true", help="the full manifest as JSON")
     p.set_defaults(run=_one_line_errors(_cmd_bundle_inspect))
 
-    p = bsub.add_parser("verify", help="check a bundle: manifest, labels and the model's sha256")
+    p = bsub.add_parser("verify", help="check a bundle: manifest, labels, the model's sha256, and that its runtime "
+                                       "loads the model and a test image fits its input and outputs")
     p.add_argument("path", help="bundle directory or .zip")
+    p.add_argument("--hash-only", action="store_true",
+                   help="only check the sha256 (fast for huge models): the model is not loaded")
+    p.add_argument("--device", default="cpu", help="where the model is loaded for the check: cpu or cuda[:N]")
     p.set_defaults(run=_one_line_errors(_cmd_bundle_verify))
 
     # --root is accepted both before and after the registry subcommand.
@@ -441,7 +717,7 @@ def _add_bundle_registry_commands(sub) -> None:
     rsub = registry.add_subparsers(dest="registry_command", required=True)
 
     p = rsub.add_parser("list", parents=[common], help="names, versions and aliases")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(run=_one_line_errors(_cmd_registry_list))
 
     p = rsub.add_parser("register", parents=[common], help="copy a bundle into the registry")
@@ -450,19 +726,19 @@ def _add_bundle_registry_commands(sub) -> None:
     p.set_defaults(run=_one_line_errors(_cmd_registry_register))
 
     p = rsub.add_parser("alias", parents=[common], help="point NAME@ALIAS at VERSION")
-    p.add_argument("name")
-    p.add_argument("alias")
-    p.add_argument("version", nargs="?")
+    p.add_argument("name", help="bundle name")
+    p.add_argument("alias", help="alias, e.g. production")
+    p.add_argument("version", nargs="?", help="the version it points at (not with --remove)")
     p.add_argument("--remove", action="store_true", help="remove the alias instead")
     p.set_defaults(run=_one_line_errors(_cmd_registry_alias))
 
     p = rsub.add_parser("resolve", parents=[common], help="print the bundle directory of name[@version|@alias]")
-    p.add_argument("ref")
+    p.add_argument("ref", help="name, name@version or name@alias (a bare name means name@production)")
     p.set_defaults(run=_one_line_errors(_cmd_registry_resolve))
 
     p = rsub.add_parser("delete", parents=[common], help="remove NAME@VERSION (refused while an alias uses it)")
-    p.add_argument("name")
-    p.add_argument("version")
+    p.add_argument("name", help="bundle name")
+    p.add_argument("version", help="the version to remove")
     p.set_defaults(run=_one_line_errors(_cmd_registry_delete))
 
 
