@@ -27,6 +27,8 @@ RgbView jpeg_decode(const uint8_t* data, std::size_t size, int scale_denom, cons
 #if SPECIESCLF_HAVE_PNG
 StoredSize png_read_size(const uint8_t* data, std::size_t size);
 RgbView png_decode(const uint8_t* data, std::size_t size, ScratchBuffer& buffer);
+// Orientation 1..8 from the eXIf chunk, ImageMagick's raw-profile text chunk or the XMP packet (exif.h).
+int png_orientation(const uint8_t* data, std::size_t size);
 #endif
 
 #if SPECIESCLF_HAVE_WEBP

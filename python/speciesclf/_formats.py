@@ -31,27 +31,29 @@ def sniff_format(data: bytes | memoryview) -> str | None:
     return None
 
 
-def _tiff_orientation(tiff: bytes) -> int:
+def _tiff_orientation_tag(tiff: bytes) -> int | None:
+    """The orientation tag of an EXIF block: 1..8, 1 for a tag that holds no usable value, None where the
+    block has no orientation tag or cannot be read (then a file's XMP may still say, as for Pillow)."""
     if tiff.startswith(b"Exif\x00\x00"):
         tiff = tiff[6:]
     if len(tiff) < 8:
-        return 1
+        return None
     if tiff[:2] == b"II":
         order = "<"
     elif tiff[:2] == b"MM":
         order = ">"
     else:
-        return 1
+        return None
     if struct.unpack_from(order + "H", tiff, 2)[0] != 42:
-        return 1
+        return None
     ifd = struct.unpack_from(order + "I", tiff, 4)[0]
     if ifd > len(tiff) or len(tiff) - ifd < 2:
-        return 1
+        return None
     (count,) = struct.unpack_from(order + "H", tiff, ifd)
     for i in range(count):
         entry = ifd + 2 + i * 12
         if entry + 12 > len(tiff):
-            return 1
+            return None
         tag, kind, count = struct.unpack_from(order + "HHI", tiff, entry)
         if tag != 0x0112:
             continue
@@ -64,7 +66,26 @@ def _tiff_orientation(tiff: bytes) -> int:
         else:
             return 1
         return value if 1 <= value <= 8 else 1
-    return 1
+    return None
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    return _tiff_orientation_tag(tiff) or 1
+
+
+# Pillow's Image.getexif reads XMP's tiff:Orientation, as attribute or element, with this pattern: a
+# search, not an XML parse, so neither nesting nor size costs more than one linear pass.
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(?:="|>)([0-9])')
+_JPEG_XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
+
+
+def _xmp_orientation(data: bytes, start: int = 0, end: int | None = None) -> int | None:
+    """tiff:Orientation of an XMP packet (data[start:end]): 1..8, 1 for 0 or 9, None when it has none."""
+    found = _XMP_ORIENTATION.search(data, start, len(data) if end is None else end)
+    if found is None:
+        return None
+    value = int(found[1])
+    return value if 1 <= value <= 8 else 1
 
 
 _FILL = re.compile(rb"\xff+")
@@ -137,10 +158,18 @@ def _is_exif_segment(data: bytes, marker: int, start: int, end: int) -> bool:
 
 
 def _jpeg_orientation(data: bytes) -> int:
+    """The first EXIF segment's orientation tag, else the last XMP segment's tiff:Orientation (Pillow's
+    JpegImagePlugin keeps the last one)."""
+    tag, seen_exif, xmp = None, False, None
     for marker, start, end in _jpeg_segments(data):
         if _is_exif_segment(data, marker, start, end):
-            return _tiff_orientation(data[start + 10 : end])
-    return 1
+            if not seen_exif:
+                tag, seen_exif = _tiff_orientation_tag(data[start + 10 : end]), True
+        elif marker == 0xE1 and data.startswith(_JPEG_XMP_ID, start + 4, end):
+            xmp = (start + 4 + len(_JPEG_XMP_ID), end)
+    if tag is None and xmp is not None:
+        tag = _xmp_orientation(data, *xmp)
+    return tag or 1
 
 
 def without_jpeg_exif(data: bytes) -> bytes:
@@ -156,35 +185,156 @@ def without_jpeg_exif(data: bytes) -> bytes:
     return b"".join(parts)
 
 
+# A PNG's orientation, as Pillow finds it: the eXIf chunk; else the "Raw profile type exif" text chunk
+# (ImageMagick's: hex after three header lines, in tEXt, zTXt or iTXt); then, if neither holds an
+# orientation tag, the XMP packet (a text chunk "XML:com.adobe.xmp"). Of several chunks of one kind the
+# last counts (Pillow's info dict keeps the last), also after the image data. Twin of png_orientation in
+# csrc/png_decode.cpp.
+PNG_RAW_PROFILE_KEY = b"Raw profile type exif"
+PNG_XMP_KEY = b"XML:com.adobe.xmp"
+# Compressed text past this is ignored (Pillow's PngImagePlugin.MAX_TEXT_CHUNK refuses the file): only
+# the last chunk of each kind is ever inflated, so a file costs at most two such inflations.
+PNG_TEXT_BUDGET = 1 << 20
+_PNG_TEXT_KINDS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_text_carrier(data: bytes, kind: bytes, start: int, end: int) -> tuple[bytes, int, bool] | None:
+    """(keyword, where the text starts, compressed?) of a text chunk with a keyword we read, or None.
+
+    tEXt and zTXt chunks without a separator hold the keyword and an empty text, as Pillow reads them;
+    an iTXt chunk with a broken header, and a zTXt or iTXt chunk compressed by an unknown method, are
+    no carriers at all (Pillow skips them, or refuses the file)."""
+    for keyword in (PNG_RAW_PROFILE_KEY, PNG_XMP_KEY):
+        after = start + len(keyword)
+        if after <= end and data.startswith(keyword, start) and (after == end or data[after] == 0):
+            break
+    else:
+        return None
+    if after == end:
+        return None if kind == b"iTXt" else (keyword, end, False)
+    text = after + 1
+    if kind == b"tEXt":
+        return keyword, text, False
+    if kind == b"zTXt":
+        if text == end:
+            return keyword, end, False
+        return (keyword, text + 1, True) if data[text] == 0 else None
+    if end - text < 2:
+        return None
+    compressed, method = data[text] != 0, data[text + 1]
+    language_end = data.find(b"\x00", text + 2, end)
+    translated_end = data.find(b"\x00", language_end + 1, end) if language_end >= 0 else -1
+    if translated_end < 0 or (compressed and method != 0):
+        return None
+    return keyword, translated_end + 1, compressed
+
+
+def _png_text(data: bytes, start: int, end: int, compressed: bool) -> bytes | None:
+    """A text chunk's text; None where it does not inflate, or inflates past PNG_TEXT_BUDGET. A zlib
+    stream cut short gives what it holds, as Python's zlib (so Pillow) gives it."""
+    if not compressed:
+        return data[start:end]
+    try:
+        text = zlib.decompressobj().decompress(memoryview(data)[start:end], PNG_TEXT_BUDGET + 1)
+    except zlib.error:
+        return None
+    return None if len(text) > PNG_TEXT_BUDGET else text
+
+
+def _raw_profile_exif(text: bytes) -> bytes | None:
+    """The EXIF block of a raw profile: Pillow's bytes.fromhex("".join(text.split("\n")[3:])); None for
+    anything that is not hex digits in pairs with ASCII whitespace between them."""
+    lines = text.split(b"\n", 3)
+    if len(lines) < 4:
+        return b""
+    try:
+        return bytes.fromhex(lines[3].replace(b"\n", b"").decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def png_critical_chunks(data: bytes) -> bytes:
+    """The PNG with only its critical chunks (IHDR, PLTE, IDAT, IEND), as csrc/png_decode.cpp hands them to
+    libspng: no ancillary chunk changes the RGB we produce, and Pillow refuses some harmless ones (text
+    that inflates past its limit). A chunk running past the end is kept as it is, for the decoder to report."""
+    parts, pos, size = [data[:8]], 8, len(data)
+    while pos + 12 <= size:
+        (length,) = struct.unpack_from(">I", data, pos)
+        if length > size - pos - 12:
+            break
+        kind = data[pos + 4 : pos + 8]
+        if not kind[0] & 0x20:
+            parts.append(data[pos : pos + 12 + length])
+        pos += 12 + length
+        if kind == b"IEND":
+            return b"".join(parts)
+    parts.append(data[pos:])
+    return b"".join(parts)
+
+
 def _png_orientation(data: bytes) -> int:
+    exif = None
+    carriers: dict[bytes, tuple[int, int, bool]] = {}
     pos, size = 8, len(data)
     while pos + 12 <= size:
         (length,) = struct.unpack_from(">I", data, pos)
         if length > size - pos - 12:
-            return 1
-        kind = data[pos + 4 : pos + 8]
+            break  # truncated: the decoder reports it
+        kind, start, end = data[pos + 4 : pos + 8], pos + 8, pos + 8 + length
         if kind == b"eXIf":
-            return _tiff_orientation(data[pos + 8 : pos + 8 + length])
-        if kind == b"IEND":
-            return 1
-        pos += 12 + length
-    return 1
+            exif = (start, end)
+        elif kind in _PNG_TEXT_KINDS:
+            carrier = _png_text_carrier(data, kind, start, end)
+            if carrier is not None:
+                carriers[carrier[0]] = (carrier[1], end, carrier[2])
+        elif kind == b"IEND":
+            break
+        pos = end + 4
+    tag = None
+    if exif is not None:
+        tag = _tiff_orientation_tag(data[exif[0] : exif[1]])
+    elif PNG_RAW_PROFILE_KEY in carriers:
+        text = _png_text(data, *carriers[PNG_RAW_PROFILE_KEY])
+        block = _raw_profile_exif(text) if text is not None else None
+        tag = _tiff_orientation_tag(block) if block else None
+    if tag is None and PNG_XMP_KEY in carriers:
+        text = _png_text(data, *carriers[PNG_XMP_KEY])
+        tag = _xmp_orientation(text) if text is not None else None
+    return tag or 1
+
+
+_WEBP_EXIF_FLAG, _WEBP_XMP_FLAG = 0x08, 0x04
 
 
 def _webp_orientation(data: bytes) -> int:
-    pos, size = 12, len(data)
+    """As libwebp's demuxer (so Pillow) reads it: only an extended file (VP8X first) has metadata, and
+    only the kinds its flags declare; the first EXIF chunk's tag, else the first XMP chunk's; nothing
+    past the RIFF size counts."""
+    if len(data) < 21 or data[12:16] != b"VP8X":
+        return 1
+    flags = data[20]
+    size = min(len(data), 8 + struct.unpack_from("<I", data, 4)[0])
+    exif = xmp = None
+    pos = 12
     while pos + 8 <= size:
         (length,) = struct.unpack_from("<I", data, pos + 4)
         if length > size - pos - 8:
-            return 1
-        if data[pos : pos + 4] == b"EXIF":
-            return _tiff_orientation(data[pos + 8 : pos + 8 + length])
+            break
+        kind, start = data[pos : pos + 4], pos + 8
+        if kind == b"EXIF" and flags & _WEBP_EXIF_FLAG and exif is None:
+            exif = (start, start + length)
+        elif kind == b"XMP " and flags & _WEBP_XMP_FLAG and xmp is None:
+            xmp = (start, start + length)
         pos += 8 + length + (length & 1)
-    return 1
+    tag = _tiff_orientation_tag(data[exif[0] : exif[1]]) if exif is not None else None
+    if tag is None and xmp is not None:
+        tag = _xmp_orientation(data, *xmp)
+    return tag or 1
 
 
 def exif_orientation(data: bytes, fmt: str | None) -> int:
-    """EXIF orientation 1..8; anything malformed reads as 1 (upright) rather than losing the image."""
+    """Orientation 1..8 from EXIF (or, where EXIF has no orientation tag, XMP; in PNG also ImageMagick's
+    raw-profile text chunk); anything malformed reads as 1 (upright) rather than losing the image."""
     if fmt == JPEG:
         return _jpeg_orientation(data)
     if fmt == PNG:

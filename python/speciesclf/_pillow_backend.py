@@ -102,10 +102,12 @@ def open_upright(
         if problem:
             raise DecodeError(f"PNG data: {problem}")
     orientation = _formats.exif_orientation(data, fmt)
+    # We read the orientation ourselves; Pillow would parse the metadata again and warn about (JPEG's
+    # EXIF) or refuse (PNG text past its limits) damage in it, which is no concern of the pixels.
     if fmt == _formats.JPEG:
-        # We read the orientation ourselves; Pillow would parse the EXIF block again and warn about any
-        # damage in it, which is no concern of the pixels.
         data = _formats.without_jpeg_exif(data)
+    elif fmt == _formats.PNG:
+        data = _formats.png_critical_chunks(data)
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as e:
