@@ -3,17 +3,19 @@
 Not a benchmark itself: the scripts import it from their own directory. It holds what is not specific to
 one measurement: importing speciesclf while it may be reinstalled, machine and build description, the
 shared data folder, the quiet-machine monitor, number formatting, the common command-line options and the
-appending of a section to RESULTS.md.
+recording of a run in RESULTS.md (its layout: the newest run per benchmark and machine, then the history).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import importlib
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -31,12 +33,19 @@ RESULTS = HERE / "RESULTS.md"
 
 RESULTS_HEADER = """# Benchmark results
 
-Each section is one run of one benchmark script, appended by its `--write-results` option and never
-edited afterwards. A section gives the date, the machine (CPU model from `lscpu`, the cores the process
-may use), the exact command, the build that was measured, the table of median throughputs and the ratios
-or target checks the benchmark defines. Compare numbers only within a section or across sections from the
-same machine.
+The newest run of each benchmark on each machine, in full, after a one-line summary of each; then the
+older runs, one line each. A benchmark's `--write-results` keeps this layout: its run replaces the section
+of the same benchmark and machine, which moves to the history as one line (the full text of every run
+is in git: `git log -p -- benchmarks/RESULTS.md`). A section gives the date, the machine (CPU model from
+`lscpu`, the cores the process may use), the exact command, the build measured, the table of medians and
+the ratios and target checks the benchmark defines. Compare numbers only within a section, or between
+runs on the same machine.
 """
+GLANCE_TITLE = "At a glance: the latest run per benchmark and machine"
+LATEST_TITLE = "Latest runs"
+HISTORY_TITLE = "History: older runs, newest first"
+# The order of the latest sections; a benchmark not named here comes after these, by name.
+BENCHMARK_ORDER = ("preprocess.py", "end_to_end.py", "load.py", "cpu_vs_gpu.py")
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -176,7 +185,12 @@ def add_wait_arguments(p: argparse.ArgumentParser) -> None:
 def add_output_arguments(p: argparse.ArgumentParser, quick_help: str) -> None:
     """--quick, --write-results and --json."""
     p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--write-results", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
+    p.add_argument(
+        "--write-results",
+        action="store_true",
+        help="record the run in benchmarks/RESULTS.md: it replaces this benchmark's latest section for this "
+        "machine, which moves to the history",
+    )
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
 
 
@@ -252,13 +266,147 @@ def loadavg_line(results: dict) -> str:
     )
 
 
-def write_results(results: dict, body: str, title: str, details: list[str]) -> None:
-    """Appends a section to RESULTS.md: "## {title} — {date}", the machine / command / build / versions
-    lines, the script's own ``details`` lines, then ``body``."""
+_RUN_HEADING = re.compile(r"^(?P<benchmark>\S+\.py) — (?P<title>.+) — (?P<date>\d{4}-\d\d-\d\dT\S+)$")
+_VERDICT = re.compile(r"— (PASS|MISS)\b")
+
+
+@dataclasses.dataclass
+class Run:
+    """One run's section: its heading ("{script} — {title} — {date}") and the lines below it."""
+
+    heading: str
+    lines: list[str]
+
+    def _field(self, name: str) -> str:
+        prefix = f"- {name}: "
+        return next((line[len(prefix) :] for line in self.lines if line.startswith(prefix)), "")
+
+    @property
+    def benchmark(self) -> str:
+        return _RUN_HEADING.match(self.heading)["benchmark"]
+
+    @property
+    def date(self) -> _dt.datetime:
+        return _dt.datetime.fromisoformat(_RUN_HEADING.match(self.heading)["date"])
+
+    @property
+    def machine(self) -> str:
+        """The CPU and its usable cores, and the GPU where the run names one: runs compare only on one machine."""
+        cpu = self._field("Machine").split(" (")[0] or "unknown machine"
+        gpu = re.split(r", |: | \(", self._field("GPU"))[0]
+        return f"{cpu}; GPU {gpu}" if gpu else cpu
+
+    @property
+    def revision(self) -> str:
+        found = re.search(r"\(repo ([^;)]+)", self._field("Build"))
+        if not found:
+            return "?"
+        commit, dirty, _ = found[1].partition("+")
+        return commit + ("+uncommitted" if dirty else "")
+
+    def _block(self, title: str) -> list[str]:
+        """The bullets under a line "{title}" (up to the first line that is no bullet)."""
+        try:
+            start = self.lines.index(title) + 1
+        except ValueError:
+            return []
+        block = []
+        for line in self.lines[start:]:
+            if not line.startswith("- "):
+                break
+            block.append(line[2:])
+        return block
+
+    @property
+    def headline(self) -> str:
+        """The benchmark's first ratio (up to its first "; "): what it was written to show."""
+        ratios = self._block("Ratios (same run):")
+        return ratios[0].split("; ")[0] if ratios else "no ratios reported"
+
+    @property
+    def targets(self) -> str:
+        verdicts = [(_VERDICT.search(line) or [None, "not measured"])[1] for line in self._block("Target checks:")]
+        counts = [f"{verdicts.count(v)} {v}" for v in ("PASS", "MISS", "not measured") if v in verdicts]
+        return ", ".join(counts) or "none"
+
+    def history_line(self) -> str:
+        return (
+            f"- {self.date.isoformat()} · {self.benchmark} · {self.machine} · repo {self.revision} · "
+            f"{self.headline} · targets: {self.targets}"
+        )
+
+
+def parse_results(text: str) -> tuple[list[Run], list[str]]:
+    """(the runs shown in full, the history lines) of a RESULTS.md. Also reads the former layout, in which
+    every run was a "## " section appended to the file, so that the first write restructures it."""
+    runs: list[Run] = []
+    history: list[str] = []
+    current: Run | None = None
+    in_history = False
+    for line in text.splitlines():
+        heading = line[3:] if line.startswith("## ") else line[4:] if line.startswith("### ") else None
+        if heading is not None:
+            in_history = heading == HISTORY_TITLE
+            current = Run(heading, []) if _RUN_HEADING.match(heading) else None
+            if current is not None:
+                runs.append(current)
+            continue
+        if in_history:
+            if line.startswith("- "):
+                history.append(line)
+        elif current is not None:
+            current.lines.append(line)
+    return runs, history
+
+
+def _history_date(line: str) -> _dt.datetime:
+    try:
+        return _dt.datetime.fromisoformat(line[2:].split(" · ", 1)[0])
+    except ValueError:
+        return _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+
+
+def render_results(runs: list[Run], history: list[str]) -> str:
+    """The file for these runs: of each benchmark and machine the newest in full, every older one (and
+    ``history``) as a line of the history, newest first."""
+    latest: dict[tuple[str, str], Run] = {}
+    history = list(history)
+    for run in sorted(runs, key=lambda r: r.date):
+        key = (run.benchmark, run.machine)
+        if key in latest:
+            history.append(latest[key].history_line())
+        latest[key] = run
+    history.sort(key=_history_date, reverse=True)
+
+    def order(key: tuple[str, str]) -> tuple:
+        benchmark, machine = key
+        rank = BENCHMARK_ORDER.index(benchmark) if benchmark in BENCHMARK_ORDER else len(BENCHMARK_ORDER)
+        return rank, benchmark, machine
+
+    shown = [latest[key] for key in sorted(latest, key=order)]
+    out = [RESULTS_HEADER, f"## {GLANCE_TITLE}", "", "| Benchmark | Machine | Date | Repo | First ratio | Target checks |"]
+    out.append("|---|---|---|---|---|---|")
+    for run in shown:
+        cells = (run.benchmark, run.machine, run.date.isoformat(), run.revision, run.headline, run.targets)
+        out.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    out += ["", f"## {LATEST_TITLE}"]
+    for run in shown:
+        body = list(run.lines)
+        while body and not body[0].strip():
+            body.pop(0)
+        while body and not body[-1].strip():
+            body.pop()
+        out += ["", f"### {run.heading}", "", *body]
+    out += ["", f"## {HISTORY_TITLE}", ""]
+    out += history or ["No older runs yet."]
+    return "\n".join(out) + "\n"
+
+
+def run_section(results: dict, body: str, title: str, details: list[str]) -> Run:
+    """A run's section: the machine / command / build / versions lines, the script's own ``details``
+    lines, then ``body``."""
     m = results["machine"]
-    section = [
-        "",
-        f"## {title} — {results['date']}",
+    lines = [
         "",
         f"- Machine: {m['cpu']}, {m['cores']} usable cores ({m['platform']})",
         f"- Command: `{results['command']}`",
@@ -267,14 +415,20 @@ def write_results(results: dict, body: str, title: str, details: list[str]) -> N
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         *details,
         "",
-        body,
-        "",
+        *body.splitlines(),
     ]
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        if new:
-            f.write(RESULTS_HEADER)
-        f.write("\n".join(section))
+    return Run(f"{title} — {results['date']}", lines)
+
+
+def write_results(results: dict, body: str, title: str, details: list[str], path: Path = RESULTS) -> None:
+    """Records a run in RESULTS.md: it becomes the latest section of its benchmark and machine, and the
+    section it replaces a line of the history. Written to a temporary file and renamed into place, so an
+    interrupted write leaves the previous file."""
+    runs, history = parse_results(path.read_text(encoding="utf-8")) if path.exists() else ([], [])
+    runs.append(run_section(results, body, title, details))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(render_results(runs, history), encoding="utf-8")
+    os.replace(partial, path)
 
 
 def finish(results: dict, body: str, args, title: str, details: list[str], dump: dict | None = None) -> None:
@@ -288,4 +442,4 @@ def finish(results: dict, body: str, args, title: str, details: list[str], dump:
         Path(args.json).write_text(text + "\n", encoding="utf-8")
     if args.write_results:
         write_results(results, body, title, details)
-        log(f"[bench] appended a section to {RESULTS}")
+        log(f"[bench] recorded the run in {RESULTS}")

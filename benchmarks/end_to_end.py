@@ -50,7 +50,7 @@ processes used during each round (from /proc/stat), and a round during which the
 
     python3 benchmarks/end_to_end.py                    # full run, ~1.5 min on 2 cores (plus waits)
     python3 benchmarks/end_to_end.py --quick            # ~30 s smoke run
-    python3 benchmarks/end_to_end.py --write-results    # also append a section to benchmarks/RESULTS.md
+    python3 benchmarks/end_to_end.py --write-results    # also record the run in benchmarks/RESULTS.md
     python3 benchmarks/end_to_end.py --json out.json    # also dump the raw numbers
 """
 

@@ -18,7 +18,7 @@
 # Then, from a session that was lent a GPU, with the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".gpucarry"], timeout_s=540)
 # Output: $OUT/gpu_check.log (everything), build.log, gpu_tests.log, cpu_tests.log, cpu_vs_gpu.{md,json,log},
-# RESULTS.md (the repo's file with the new section appended by --write-results, to copy back verbatim).
+# RESULTS.md (the repo's file with the run recorded by --write-results, to copy back verbatim).
 # Exit status: 0 when every step passed.
 #
 # Local rehearsal without a GPU (steps that need none): GPU_CHECK_STEPS="env deps" bash benchmarks/gpu_check.sh

@@ -41,7 +41,7 @@ once more.
 
     python3 benchmarks/load.py                    # full run, ~6 min on 2 cores (plus waits)
     python3 benchmarks/load.py --quick            # ~1.5 min smoke run
-    python3 benchmarks/load.py --write-results    # also append a section to benchmarks/RESULTS.md
+    python3 benchmarks/load.py --write-results    # also record the run in benchmarks/RESULTS.md
     python3 benchmarks/load.py --json out.json    # also dump the raw numbers
 """
 

@@ -53,7 +53,7 @@ fresh pages).
 
     python3 benchmarks/preprocess.py                    # full run, ~2-3 min on 2 cores (plus waits)
     python3 benchmarks/preprocess.py --quick            # ~30 s smoke run
-    python3 benchmarks/preprocess.py --write-results    # also append a section to benchmarks/RESULTS.md
+    python3 benchmarks/preprocess.py --write-results    # also record the run in benchmarks/RESULTS.md
     python3 benchmarks/preprocess.py --json out.json    # also dump the raw numbers
 """
 
