@@ -12,7 +12,6 @@ import csv
 import inspect
 import io
 import json
-import os
 import re
 from pathlib import Path
 

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,11 +178,14 @@ def _read_csv(path: Path, label_column: str | None) -> Dataset:
 
 
 def open_set_rule(classifier: Any) -> tuple[str, float] | None:
-    """The model's unknown rule as ``(method, threshold)``, or None when it has none (or does not say)."""
+    """The model's unknown rule as ``(method, threshold)``, or None when it has none (or does not say).
+
+    Other predictors may state theirs as an ``unknown_rule`` attribute (an UnknownRule or a pair)."""
     rule = getattr(classifier, "unknown_rule", None)
-    if rule is not None and not callable(rule):
-        return (rule.method, float(rule.threshold)) if hasattr(rule, "method") else tuple(rule)  # type: ignore[return-value]
-    # A Classifier keeps it with its post-processing, which is swapped with the model on reload().
+    if rule is not None:
+        method, threshold = (rule.method, rule.threshold) if hasattr(rule, "method") else rule
+        return str(method), float(threshold)
+    # A Classifier keeps it in its post-processing, swapped together with the model by reload().
     post = getattr(getattr(classifier, "_engine", None), "post", None)
     method = getattr(post, "unknown_method", None)
     return None if method is None else (method, float(post.unknown_threshold))
