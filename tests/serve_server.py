@@ -6,14 +6,43 @@ Import it after ``pytest.importorskip("uvicorn")`` / ``("httpx")`` so that a mac
 
 from __future__ import annotations
 
+import base64
+import io
 import socket
 import threading
 import time
 
 import httpx
 import uvicorn
+from PIL import Image
 
-__all__ = ["LiveServer"]
+__all__ = ["LiveServer", "b64", "jpeg", "undocumented_statuses"]
+
+
+def jpeg(width: int = 64, height: int = 48) -> bytes:
+    """A small valid JPEG (one flat colour)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (20, 140, 60)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def undocumented_statuses(client: httpx.Client) -> set[tuple[str, str]]:
+    """(route, status) pairs the server has answered (its requests_total) that its OpenAPI document does not
+    list for that route: after a test of many bad requests, an empty set says the document told the truth."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    doc = client.get("/openapi.json").json()
+    documented = {(path, status) for path, ops in doc["paths"].items() for op in ops.values()
+                  for status in op["responses"]}
+    answered = {(s.labels["route"], s.labels["status"])
+                for family in text_string_to_metric_families(client.get("/metrics").text)
+                if family.name == "speciesclf_requests" for s in family.samples
+                if s.name == "speciesclf_requests_total" and s.labels["route"] in doc["paths"]}
+    return answered - documented
 
 
 class LiveServer:

@@ -30,7 +30,7 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
-from serve_server import LiveServer  # noqa: E402  (tests/serve_server.py; tests/ is on sys.path via conftest)
+from serve_server import LiveServer, undocumented_statuses  # noqa: E402  (tests/serve_server.py, on sys.path)
 from speciesclf.serve import ServeConfig, create_app  # noqa: E402
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -243,11 +243,9 @@ def _malformed(photo: bytes) -> list[tuple[str, str, dict, int, str]]:
     for body in [b"{not json", b"[1, 2]", b"null", b"", b'"str"', b"\xff\xfe", b'{"image": 5}', b'{"images": "x"}',
                  b'{"picture": "abc"}', b'{"image": "QUJD", "extra": 1}']:
         cases.append(("/v1/predict", {"content": body, "headers": js}, 422, "invalid_request"))
-    for body in [{"images": "x"}, {"images": [1]}, {"images": [b64(photo)], "top_k": 0}, {"image": b64(photo)}]:
-        code = "invalid_base64" if body == {"images": [1]} else "invalid_request"
-        if code == "invalid_base64":
-            continue  # an item error, checked in the batch test below
-        cases.append(("/v1/predict/batch", {"json": body}, 422, code))
+    for body in [{"images": "x"}, {"images": [1]}, {"images": [b64(photo)], "top_k": 0}, {"image": b64(photo)},
+                 {"images": [{"url": "http://127.0.0.1:9/a.jpg", "y": 1}]}]:
+        cases.append(("/v1/predict/batch", {"json": body}, 422, "invalid_request"))
     for top_k in [0, -1, "x", 1000, 2.5, True, [3]]:
         status = 422
         cases.append(("/v1/predict", {"json": {"image": b64(photo), "top_k": top_k}}, status, "invalid_request"))
@@ -285,13 +283,17 @@ def test_malformed_requests_get_precise_4xx_and_never_disturb_valid_ones(server:
                 assert ok.status_code == 200 and ok.json()["label"] == label
         # batch items fail one by one, never the batch
         images = [b64(photos[1][0]), "%%%", b64(png_bytes(4, 4)), b64(png_header_only(60000, 60000)),
-                  b64(b"\x00junk"), b64(photo[:500]), 7, "", b64(photos[2][0])]
+                  b64(b"\x00junk"), b64(photo[:500]), "", b64(photos[2][0])]
         items = c.post("/v1/predict/batch", json={"images": images}).json()["predictions"]
         codes = [item["error"]["code"] if "error" in item and "label" not in item else item["label"] for item in items]
         assert codes == [photos[1][1], "invalid_base64", "image_too_small", "image_too_large", "unsupported_format",
-                         "decode_error", "invalid_base64", "empty_input", photos[2][1]]
+                         "decode_error", "empty_input", photos[2][1]]
+        # An item that is no image at all (neither a string nor {"url": ...}) is a malformed request.
+        wrong = c.post("/v1/predict/batch", json={"images": [b64(photos[1][0]), 7]})
+        assert (wrong.status_code, wrong.json()["error"]["code"]) == (422, "invalid_request")
         assert "speciesclf_errors_total" in c.get("/metrics").text
         assert c.get("/readyz").status_code == 200
+        assert not undocumented_statuses(c)
 
 
 @pytest.mark.shared
@@ -352,6 +354,7 @@ def test_overload_gets_429_with_retry_after_then_serves_normally(slow_server: Li
         m = c.get("/metrics").text
         assert metric(m, "speciesclf_requests_total", route="/v1/predict", status="429") >= 1
         assert metric(m, "speciesclf_queue_depth") == 0
+        assert not undocumented_statuses(c)
 
 
 @pytest.mark.shared
@@ -375,6 +378,7 @@ def test_short_deadline_is_answered_503_or_504_not_late(slow_server: LiveServer,
     with httpx.Client(base_url=slow_server.url, timeout=60) as c:
         r = c.post("/v1/predict", content=photo, headers={"content-type": "image/jpeg"})
         assert r.status_code == 200 and r.json()["label"] == label
+        assert not undocumented_statuses(c)
 
 
 @pytest.mark.shared
@@ -464,7 +468,7 @@ def test_graceful_shutdown_drains_accepted_work(clf, photos) -> None:
             # Stop only once all six are accepted (queued or running): a loaded machine may take a while.
             deadline = time.monotonic() + 10
             def accepted() -> int:
-                return metrics.queue_depth + metrics.in_flight + sum(metrics.predictions.values())
+                return metrics.queue_depth + metrics.in_flight + metrics.predictions_returned
 
             while accepted() < 6 and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -537,10 +541,15 @@ def test_workers_must_be_at_least_one(capsys) -> None:
 
 @pytest.mark.shared
 def test_serve_with_two_worker_processes(shared_dir: Path, tmp_path: Path, photos) -> None:
+    """Both workers answer, and a scrape of either counts the requests of both (prometheus_client's
+    multiprocess mode in a private folder under TMPDIR, removed when the service stops)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, SPECIESCLF_WEIGHTS=str(shared_dir / "models"), SPECIESCLF_HOME=str(tmp_path / "home"))
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, SPECIESCLF_WEIGHTS=str(shared_dir / "models"), SPECIESCLF_HOME=str(tmp_path / "home"),
+               TMPDIR=str(tmp_path / "tmp"))
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "speciesclf", "serve", "--model", "species100", "--workers", "2",
                              "--port", str(port), "--log-level", "warning"],
@@ -561,10 +570,24 @@ def test_serve_with_two_worker_processes(shared_dir: Path, tmp_path: Path, photo
                 pass
             time.sleep(0.05)
         assert proc.pid not in ready  # answered by worker processes, not by the supervisor
-        for _ in range(4):
-            with httpx.Client(base_url=url, timeout=30) as c:
+        answered: dict[int, int] = {}  # worker pid -> predictions it answered
+        sent = 0
+        while len(answered) < 2 or sent < 4:
+            assert time.monotonic() < deadline, answered
+            with httpx.Client(base_url=url, timeout=30) as c:  # a fresh connection: either worker
+                pid = c.get("/healthz").json()["pid"]
                 r = c.post("/v1/predict", content=photo)
                 assert r.status_code == 200 and r.json()["label"] == label
+                answered[pid] = answered.get(pid, 0) + 1
+                sent += 1
+        for _ in range(4):  # whichever worker answers the scrape, it counts both workers' requests
+            with httpx.Client(base_url=url, timeout=30) as c:
+                text = c.get("/metrics").text
+            assert metric(text, "speciesclf_requests_total", route="/v1/predict", status="200") == sent, text[:3000]
+            assert metric(text, "speciesclf_predictions_total") == sent
+            assert metric(text, "speciesclf_stage_duration_seconds_count", stage="inference") == sent
+            assert metric(text, "speciesclf_ready") == 1 and metric(text, "speciesclf_queue_depth") == 0
+            assert metric(text, "speciesclf_model_info", model="species100@1.0.0") == 1
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -574,6 +597,7 @@ def test_serve_with_two_worker_processes(shared_dir: Path, tmp_path: Path, photo
                 proc.kill()
             log.close()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    assert not list((tmp_path / "tmp").glob("speciesclf-serve-*"))  # the multiprocess folder is gone
 
 
 @pytest.mark.shared

@@ -747,9 +747,28 @@ def _add_bundle_registry_commands(sub) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+# ServeConfig fields the CLI sets, by their flag: the flags' values, and the words of ServeConfig's errors.
+_SERVE_FLAGS = {
+    "max_batch_size": "--max-batch-size", "batches_in_flight": "--batches-in-flight", "max_wait_ms": "--max-wait-ms",
+    "max_queue": "--max-queue", "max_batch_request": "--max-batch-request", "default_timeout_ms": "--timeout-ms",
+    "host": "--host", "port": "--port", "url_allow_hosts": "--url-allow-host",
+    "url_allow_networks": "--url-allow-network",
+}
+
+
+def _serve_config_error(message: str) -> str:
+    """ServeConfig's error in the words of the command line: its field names become the flags that set them,
+    so the message names what the user can change."""
+    for field, flag in _SERVE_FLAGS.items():
+        # A bare word ("host") is a field only after "ServeConfig."; a name_with_underscores is one anywhere.
+        prefix = r"(?:ServeConfig\.)?" if "_" in field else r"ServeConfig\."
+        message = re.sub(rf"\b{prefix}{field}\b", flag, message)
+    return message
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serve import ServeConfig, run
+        from .serve import ServeConfig, ServeStartupError, run
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
@@ -760,17 +779,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         # Only what was given on the command line: every default lives in ServeConfig, nowhere else.
-        given = {field: getattr(args, option) for option, field in (
-            ("max_batch_size", "max_batch_size"), ("batches_in_flight", "batches_in_flight"),
-            ("max_wait_ms", "max_wait_ms"), ("max_queue", "max_queue"), ("timeout_ms", "default_timeout_ms"),
-        ) if getattr(args, option) is not None}
+        given = {field: getattr(args, field) for field in (
+            "max_batch_size", "batches_in_flight", "max_wait_ms", "max_queue", "max_batch_request",
+        ) if getattr(args, field) is not None}
+        if args.timeout_ms is not None:
+            given["default_timeout_ms"] = args.timeout_ms
         config = ServeConfig(host=args.host, port=args.port, url_inputs=bool(args.url_allow_host),
                              url_allow_hosts=tuple(args.url_allow_host),
                              url_allow_networks=tuple(args.url_allow_network), **given)
     except ValueError as e:
-        print(f"speciesclf: error: {e}", file=sys.stderr)
+        print(f"speciesclf: error: {_serve_config_error(str(e))}", file=sys.stderr)
         return 1
-    run(args.model, config, log_level=args.log_level, workers=args.workers)
+    try:
+        run(args.model, config, log_level=args.log_level, workers=args.workers)
+    except ServeStartupError as e:  # after the server's own log lines: the reason is the last line
+        print(f"speciesclf: error: serve did not start: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -786,7 +810,9 @@ def _add_serve_command(sub) -> None:
                         "next batch's decoding with the current inference)")
     p.add_argument("--max-wait-ms", type=float, help="kept for compatibility: an idle worker dispatches at once, and "
                         "requests arriving during an inference form the next batch")
-    p.add_argument("--max-queue", type=int, help="images waiting; beyond it requests get 429 (default 256)")
+    p.add_argument("--max-queue", type=int, help="images waiting; beyond it requests get 429 (default 256; at least "
+                                                 "--max-batch-request)")
+    p.add_argument("--max-batch-request", type=int, help="images in one /v1/predict/batch request (default 64)")
     p.add_argument("--timeout-ms", type=int, help="default per-request deadline (default 10000)")
     p.add_argument("--workers", type=int, default=1,
                    help="uvicorn worker processes, each loading the model with its own queue (default 1)")
@@ -796,5 +822,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--url-allow-network", action="append", default=[], metavar="CIDR",
                    help="also allow URL hosts resolving inside CIDR (e.g. an internal image store); repeatable. "
                         "Private, loopback and link-local addresses are refused otherwise; metadata addresses always")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the lowest level logged, by the service's JSON lines and uvicorn's (default info; "
+                        "warning drops the line per request)")
     p.set_defaults(run=_cmd_serve)

@@ -4,46 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ._fetch import UrlFetcher
+from ._fetch import ServiceFetcher
 from ._images import ApiError, check_image, decode_base64, error_for_prediction
 from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from .config import ServeConfig
 from .logs import log
 from .metrics import Metrics
 from .openapi import openapi_document
+from .schemas import (DEFAULT_TOP_K, ROUTES, Health, ModelsBody, NotReady, Ready, RequestModels, UrlInput,
+                      validation_message)
 from .._version import __version__
 
 __all__ = ["create_app"]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch: "$" would let a trailing "\n" in
-_ROUTES = ("/v1/predict", "/v1/predict/batch", "/v1/models", "/healthz", "/readyz", "/metrics")
+_ROUTES = tuple(ROUTES)
 
 
 class _State:
-    def __init__(self, source: Any, config: ServeConfig):
+    def __init__(self, source: Any, config: ServeConfig, on_load_failure: Callable[[str], None] | None):
         self.source = source
         self.config = config
+        self.models = RequestModels.build(config.max_top_k)
         self.metrics = Metrics()
         self.classifier: Any = None
         self.batcher: Batcher | None = None
         self.ready = False
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # the whole reason, for the log and the operator only
+        self.public_load_error: str | None = None  # what clients are told: no paths, no reference
+        self.on_load_failure = on_load_failure
         self.owns_classifier = False
         self.loader: asyncio.Task | None = None
-        self.fetcher: UrlFetcher | None = None
+        self.fetcher: ServiceFetcher | None = None
         self.inflight_body_bytes = 0  # bodies being received or held by requests not yet answered
         self.predict_handlers: dict[str, Any] = {}  # POST path -> handler, called by _RequestMiddleware itself
 
@@ -53,20 +59,25 @@ def _error_response(error: ApiError, state: _State) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> FastAPI:
+def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
+               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
     """A FastAPI app serving ``classifier_or_ref`` (a :class:`~speciesclf.Classifier`, or anything
     ``Classifier.load`` takes, loaded in the background at startup). /readyz answers 200 once the model is
-    loaded and has made one warm-up prediction. Run it with uvicorn (``speciesclf serve``)."""
+    loaded and has made one warm-up prediction. Run it with uvicorn (``speciesclf serve``).
+
+    If the model cannot be loaded or warmed up, /readyz answers 503 "failed" and ``on_load_failure`` (if
+    given) is called once, on the event loop, with a one-line reason: :func:`~speciesclf.serve.run` uses it
+    to end the process, so that an orchestrator sees the failure instead of a live process never ready."""
     config = config if config is not None else ServeConfig()
     if not isinstance(config, ServeConfig):
         raise TypeError(f"config must be a ServeConfig, got {type(config).__name__}")
-    state = _State(classifier_or_ref, config)
+    state = _State(classifier_or_ref, config, on_load_failure)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.loader = asyncio.get_running_loop().create_task(_load(state))
         if config.url_inputs:  # its semaphore belongs to this loop
-            state.fetcher = UrlFetcher(config)
+            state.fetcher = ServiceFetcher(config)
         try:
             yield
         finally:
@@ -79,12 +90,14 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
             if state.owns_classifier and state.classifier is not None:
                 state.classifier.close()
             state.ready = state.metrics.ready = False
+            state.metrics.close()
             log("shutdown", model=state.metrics.model)
 
     app = FastAPI(title="speciesclf", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
-    # The predict handlers read the raw request (three body forms), which FastAPI cannot see: describe them.
-    app.openapi = lambda: app.openapi_schema or _cache_openapi(app, config.max_top_k)
+    # The predict handlers read the raw request (three body forms), which FastAPI cannot see: the document
+    # is generated from the models in schemas.py, which those handlers validate with.
+    app.openapi = lambda: app.openapi_schema or _cache_openapi(app, state.models)
     app.state.serve = state
     app.add_middleware(_RequestMiddleware, state=state)
 
@@ -101,29 +114,32 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
     async def _validation_error(request: Request, exc: RequestValidationError):
         return _error_response(ApiError(422, "invalid_request", str(exc.errors())[:500]), state)
 
+    # Bodies are built through their response models where it costs nothing that matters (not the predict
+    # routes' hot path, whose answers the contract tests hold to PredictionBody and BatchResponse).
     @app.get("/healthz")
     async def healthz():
         # The pid tells apart the worker processes of `speciesclf serve --workers N` behind one port.
-        return {"status": "ok", "pid": os.getpid()}
+        return _body(Health(status="ok", pid=os.getpid()))
 
     @app.get("/readyz")
     async def readyz():
         if state.ready:
-            return {"status": "ready", "model": state.classifier.model}
-        body = {"status": "loading" if state.load_error is None else "failed"}
-        if state.load_error:
-            body["error"] = state.load_error
-        return JSONResponse(body, status_code=503)
+            return _body(Ready(status="ready", model=state.classifier.model))
+        if state.public_load_error is None:
+            return _body(NotReady(status="loading"), 503)
+        return _body(NotReady(status="failed", error=state.public_load_error), 503)
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        if state.ready:
+            state.metrics.model = state.classifier.model  # a reload may have changed it
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.get("/v1/models")
     async def models():
         clf = _require_ready(state)
         spec = clf.spec
-        return {"models": [{
+        return _body(ModelsBody(models=[{
             "model": clf.model,
             "labels": len(clf.labels),
             "device": clf.device,
@@ -133,35 +149,31 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
                 "layout": spec.layout, "max_pixels": spec.max_pixels, "max_bytes": spec.max_bytes,
             },
             "serving": {k: v for k, v in config.to_dict().items() if k not in ("host", "port")},
-        }]}
+        }]))
 
     @app.post("/v1/predict")
     async def predict(request: Request):
-        deadline, top_k, body, kind = await _start(state, request, config)
+        deadline, query_top_k, body, kind = await _start(state, request, "/v1/predict")
         if kind == "json":
-            payload = _json(body)
-            _only(payload, {"image", "url", "top_k"})
-            if ("image" in payload) == ("url" in payload):
-                raise ApiError(422, "invalid_request",
-                               "JSON body needs one of 'image' (base64 or data: URI) or 'url'")
-            if "top_k" in payload:
-                top_k = _top_k(payload["top_k"], config)
-            if "url" in payload:
-                image = await _fetch_url(state, payload["url"], deadline, "url")
+            payload = _validate(state, state.models.predict_json, body)
+            top_k = _one_top_k(query_top_k, payload.top_k, "in the body")
+            if payload.url is not None:
+                image = await _fetch_url(state, payload.url, deadline, "url")
             else:
-                image = decode_base64(payload["image"])
+                image = decode_base64(payload.image)
         elif kind == "multipart":
             form = await _form(request, config)
             try:
-                files = [v for k, v in form.multi_items() if k == "file" and hasattr(v, "read")]
-                if len(files) != 1:
+                _only_fields(form, state.models.predict_form)
+                files = [v for k, v in form.multi_items() if k == "file"]
+                if len(files) != 1 or not hasattr(files[0], "read"):
                     raise ApiError(422, "invalid_request", "multipart body needs exactly one file field 'file'")
+                top_k = _one_top_k(query_top_k, _form_top_k(state, form), "in the multipart field")
                 image = await files[0].read()
-                if form.get("top_k") is not None:
-                    top_k = _top_k(form.get("top_k"), config)
             finally:
                 await form.close()
         else:
+            top_k = query_top_k or DEFAULT_TOP_K
             image = body
         check_image(image, min_side=config.min_side, max_pixels=config.max_pixels)
         predictions, batch_size = await _infer(state, request, [image], top_k, deadline)
@@ -173,29 +185,21 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request):
-        deadline, top_k, body, kind = await _start(state, request, config)
+        deadline, query_top_k, body, kind = await _start(state, request, "/v1/predict/batch")
         items: list[Any] = []  # bytes, or an ApiError for the item
         if kind == "json":
-            payload = _json(body)
-            _only(payload, {"images", "top_k"})
-            images = payload.get("images")
-            if not isinstance(images, list):
-                raise ApiError(422, "invalid_request",
-                               "JSON body needs 'images': a list of base64 strings or {'url': ...} objects")
-            if "top_k" in payload:
-                top_k = _top_k(payload["top_k"], config)
-            _batch_count(len(images), config)
+            payload = _validate(state, state.models.batch_json, body)
+            top_k = _one_top_k(query_top_k, payload.top_k, "in the body")
+            _batch_count(len(payload.images), config)
             fetches: dict[int, Any] = {}
-            for i, value in enumerate(images):
-                if isinstance(value, dict) and set(value) == {"url"}:
-                    fetches[i] = _fetch_url(state, value["url"], deadline, f"images[{i}].url")
+            for i, value in enumerate(payload.images):
+                if isinstance(value, UrlInput):
+                    fetches[i] = _fetch_url(state, value.url, deadline, f"images[{i}].url")
                     items.append(None)
                     continue
                 try:
                     items.append(decode_base64(value, field=f"images[{i}]"))
-                except ApiError as e:
-                    if e.code == "invalid_request":
-                        e = ApiError(e.status, "invalid_base64", e.message)
+                except ApiError as e:  # the item's own error: the others still run
                     items.append(e)
             if fetches:  # concurrently; each failure stays the item's own
                 fetched = await asyncio.gather(*fetches.values(), return_exceptions=True)
@@ -203,20 +207,19 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None) -> Fas
                     if isinstance(result, BaseException) and not isinstance(result, ApiError):
                         raise result
                     items[i] = result
-        elif kind == "multipart":
+        else:
             form = await _form(request, config)
             try:
-                files = [v for k, v in form.multi_items() if k in ("files", "file") and hasattr(v, "read")]
+                _only_fields(form, state.models.batch_form)
+                files = [v for k, v in form.multi_items() if k in ("files", "file")]
+                if not all(hasattr(f, "read") for f in files):
+                    raise ApiError(422, "invalid_request", "the multipart fields 'files' must be files")
+                top_k = _one_top_k(query_top_k, _form_top_k(state, form), "in the multipart field")
                 _batch_count(len(files), config)
                 for f in files:
                     items.append(await f.read())
-                if form.get("top_k") is not None:
-                    top_k = _top_k(form.get("top_k"), config)
             finally:
                 await form.close()
-        else:
-            raise ApiError(415 if body else 422, "invalid_request",
-                           "send JSON {'images': [...]} or multipart with several 'files'")
         good: list[int] = []
         for i, item in enumerate(items):
             if isinstance(item, bytes):
@@ -272,8 +275,13 @@ async def _load(state: _State) -> None:
         # The effective settings, once, so that a log alone says how this instance batches and what it refuses.
         log("ready", model=clf.model, settings={k: v for k, v in state.config.to_dict().items()})
     except Exception as e:
-        state.load_error = f"{type(e).__name__}: {e}"
+        # One line, whole, for the log and the operator: it may name paths (a registry's, a bundle's), so
+        # clients are told only that the load failed and what kind of error it was.
+        state.load_error = " ".join(f"{type(e).__name__}: {e}".split())
+        state.public_load_error = f"the model failed to load ({type(e).__name__}); the server's log has the reason"
         log("model load failed", level=40, error=state.load_error)
+        if state.on_load_failure is not None:
+            state.on_load_failure(state.load_error)
 
 
 def _load_classifier(source: Any):
@@ -288,19 +296,31 @@ def _load_classifier(source: Any):
         return Classifier.load(source)
 
 
-async def _start(state: _State, request: Request, config: ServeConfig) -> tuple[float, int, bytes, str]:
-    """What both predict routes do first: (deadline, top_k from the query, body, body kind)."""
+async def _start(state: _State, request: Request, route: str) -> tuple[float, int | None, bytes, str]:
+    """What both predict routes do first: (deadline, top_k from the query or None, body, body kind)."""
     _require_ready(state)
+    config = state.config
     deadline = asyncio.get_running_loop().time() + _timeout(request, config)
-    top_k = _top_k(request.query_params.get("top_k"), config, source="query parameter top_k")
+    try:
+        top_k = state.models.top_k_text(request.query_params.get("top_k"), "the query parameter")
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", str(e)) from None
+    kind = _body_kind(request)
+    if kind not in ROUTES[route].bodies:  # the same table the OpenAPI document lists the body types from
+        raise ApiError(415, "invalid_request", f"{route} takes a JSON or multipart body, not "
+                       f"{request.headers.get('content-type', 'a body without a content type')[:60]!r}")
     body = await _read_body(request, config)
-    return deadline, top_k, body, _body_kind(request)
+    return deadline, top_k, body, kind
 
 
 def _require_ready(state: _State):
     if not state.ready or state.batcher is None:
-        raise ApiError(503, "not_ready", state.load_error or "the model is loading", {"Retry-After": "1"})
+        raise ApiError(503, "not_ready", state.public_load_error or "the model is loading", {"Retry-After": "1"})
     return state.classifier
+
+
+def _body(model: BaseModel, status: int = 200) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json", exclude_unset=True), status_code=status)
 
 
 def _timeout(request: Request, config: ServeConfig) -> float:
@@ -317,17 +337,12 @@ def _timeout(request: Request, config: ServeConfig) -> float:
     return value / 1000
 
 
-def _top_k(value: Any, config: ServeConfig, source: str = "top_k") -> int:
-    if value is None:
-        return 5
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ApiError(422, "invalid_request", f"{source} must be an integer") from None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= config.max_top_k:
-        raise ApiError(422, "invalid_request", f"{source} must be an integer in 1..{config.max_top_k}")
-    return value
+def _one_top_k(query: int | None, given: int | None, where: str) -> int:
+    """The one top_k of a request: from the query or the body, which must agree when both give it."""
+    if query is not None and given is not None and query != given:
+        raise ApiError(422, "invalid_request", f"top_k is given twice and the two differ: {query} in the query "
+                       f"and {given} {where}; give it once (or the same in both)")
+    return given if given is not None else query if query is not None else DEFAULT_TOP_K
 
 
 def _body_kind(request: Request) -> str:
@@ -376,24 +391,32 @@ async def _form(request: Request, config: ServeConfig):
         raise ApiError(422, "invalid_request", f"malformed multipart body: {detail}") from None
 
 
-def _json(body: bytes) -> dict:
+def _validate(state: _State, model: type[BaseModel], body: bytes) -> Any:
+    """A JSON body validated into its documented model: wrong types, unknown fields (in items too) and bad
+    JSON are one answer, 422 invalid_request naming the place."""
     if not body:
         raise ApiError(422, "invalid_request", "empty JSON body")
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(422, "invalid_request", f"invalid JSON: {e}") from None
-    except RecursionError:
-        raise ApiError(422, "invalid_request", "invalid JSON: nested too deeply") from None
-    if not isinstance(payload, dict):
-        raise ApiError(422, "invalid_request", "the JSON body must be an object")
-    return payload
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise ApiError(422, "invalid_request", validation_message(e, state.config.max_top_k)) from None
 
 
-def _only(payload: dict, allowed: set[str]) -> None:
-    extra = sorted(set(payload) - allowed)
-    if extra:
-        raise ApiError(422, "invalid_request", f"unknown field(s): {', '.join(map(str, extra))[:200]}")
+def _only_fields(form: Any, model: type[BaseModel]) -> None:
+    unknown = sorted({k for k, _ in form.multi_items()} - set(model.model_fields))
+    if unknown:
+        raise ApiError(422, "invalid_request",
+                       "unknown multipart field(s): " + ", ".join(repr(k[:60]) for k in unknown[:10]))
+
+
+def _form_top_k(state: _State, form: Any) -> int | None:
+    values = form.getlist("top_k")
+    if len(values) > 1 or (values and not isinstance(values[0], str)):
+        raise ApiError(422, "invalid_request", "the multipart field top_k must be given once, as text")
+    try:
+        return state.models.top_k_text(values[0] if values else None, "the multipart field")
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", str(e)) from None
 
 
 def _batch_count(n: int, config: ServeConfig) -> None:
@@ -504,6 +527,6 @@ class _RequestMiddleware:
         await response(scope, receive, send)
 
 
-def _cache_openapi(app: FastAPI, max_top_k: int) -> dict:
-    app.openapi_schema = openapi_document(app, max_top_k)
+def _cache_openapi(app: FastAPI, models: RequestModels) -> dict:
+    app.openapi_schema = openapi_document(app, models)
     return app.openapi_schema

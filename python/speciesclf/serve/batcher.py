@@ -142,9 +142,12 @@ class Batcher:
             await self._wakeup.wait()
         batch: list[tuple[_Job, int, int]] = []
         room = self.config.max_batch_size
+        now = time.perf_counter()
         while self._queue and room > 0:
             job = self._queue[0]
             first = job.dispatched
+            if first == 0:
+                self.metrics.queue_wait(now - job.enqueued)
             end = min(len(job.images), first + room)
             batch.append((job, first, end))
             job.dispatched = end
@@ -199,8 +202,7 @@ class Batcher:
         self.last_batch_size = len(images)
         start = time.perf_counter()
         try:
-            predictions = await loop.run_in_executor(
-                self._executor, lambda: self.classifier.predict_batch(images, top_k=top_k))
+            predictions = await loop.run_in_executor(self._executor, self._predict, images, top_k)
         except Exception as e:  # a runtime failure: every request of this batch gets it
             for job, _, _ in live:
                 # A job dropped meanwhile (its request timed out or went away) has nobody to tell.
@@ -222,6 +224,12 @@ class Batcher:
                 job.state = "done"
                 if not job.future.done():
                     job.future.set_result((job.results, job.largest_batch))
+
+    def _predict(self, images: list[bytes], top_k: int) -> list[Any]:
+        # In the inference thread: the per-stage histograms cost the event loop nothing.
+        predictions = self.classifier.predict_batch(images, top_k=top_k)
+        self.metrics.stages(predictions)
+        return predictions
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Refuse new work, finish what was accepted (up to ``drain_timeout_s``), then stop the worker."""

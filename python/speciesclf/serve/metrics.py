@@ -1,120 +1,205 @@
-"""Prometheus text-format metrics, written by hand (no extra dependency). Updated on the event loop only."""
+"""The service's Prometheus metrics, through prometheus_client.
+
+Each app has its own registry, so several apps in one process never share counts. Under
+``speciesclf serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set before the worker imported
+prometheus_client, as :func:`speciesclf.serve.run` does) every worker writes its values to files there and
+a scrape of any worker reads them all: counters and histograms sum every worker that ever ran, gauges
+count the live workers only (the files of a worker that died without saying so are dropped at the next
+scrape).
+"""
 
 from __future__ import annotations
 
-import bisect
-import threading
-from collections import defaultdict
+import glob
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+__all__ = ["Metrics", "LATENCY_BUCKETS", "BATCH_BUCKETS", "STAGE_BUCKETS"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Prediction.timings key -> the stage label; "queue" is measured by the batcher.
+_TIMED_STAGES = (("decode_ms", "decode"), ("preprocess_ms", "preprocess"), ("inference_ms", "inference"))
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db$")
 
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: tuple[str, ...], values: tuple) -> str:
-    if not names:
-        return ""
-    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values)) + "}"
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-class _Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
+def _multiprocess_dir() -> str | None:
+    """The folder of multiprocess mode, if prometheus_client chose it (that happens when it is imported)."""
+    if getattr(values.ValueClass, "_multiprocess", False):
+        return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return None
 
 
 class Metrics:
-    """The service's counters, histograms and gauges; :meth:`render` gives the /metrics page."""
+    """The service's counters, histograms and gauges; :meth:`render` gives the /metrics page.
+
+    The names are those of the page the service always had: ``speciesclf_requests_total{route,status}``,
+    ``speciesclf_request_duration_seconds{route}``, ``speciesclf_batch_size``, ``speciesclf_queue_depth``,
+    ``speciesclf_inflight_images``, ``speciesclf_errors_total{code}``, ``speciesclf_predictions_total{label}``,
+    ``speciesclf_model_info{model}``, ``speciesclf_ready``; and ``speciesclf_stage_duration_seconds{stage}``
+    (queue, decode, preprocess, inference)."""
+
+    content_type = CONTENT_TYPE_PLAIN_0_0_4
 
     def __init__(self, prefix: str = "speciesclf") -> None:
-        self.prefix = prefix
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str], int] = defaultdict(int)  # (route, status)
-        self.latency: dict[str, _Histogram] = {}  # route
-        self.batch_sizes = _Histogram(BATCH_BUCKETS)
-        self.errors: dict[str, int] = defaultdict(int)  # code
-        self.predictions: dict[str, int] = defaultdict(int)  # label
-        self.rejected: dict[str, int] = defaultdict(int)  # reason: queue_full, deadline_queued, ...
-        self.queue_depth = 0  # images waiting
-        self.in_flight = 0  # images in the running inference
-        self.model = ""
-        self.ready = False
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._dir = _multiprocess_dir()
+        r = self.registry
+        self._requests = Counter(f"{prefix}_requests", "HTTP requests by route and status code.",
+                                 ("route", "status"), registry=r)
+        self._latency = Histogram(f"{prefix}_request_duration_seconds", "HTTP request latency by route.",
+                                  ("route",), buckets=LATENCY_BUCKETS, registry=r)
+        self._batch = Histogram(f"{prefix}_batch_size", "Images per inference call.", buckets=BATCH_BUCKETS,
+                                registry=r)
+        self._stages = Histogram(f"{prefix}_stage_duration_seconds",
+                                 "Seconds per request waiting in the queue (stage=queue), and per image decoding, "
+                                 "preprocessing and in inference (its share of the batch).",
+                                 ("stage",), buckets=STAGE_BUCKETS, registry=r)
+        self._errors = Counter(f"{prefix}_errors", "Error responses (whole requests or batch items) by error code.",
+                               ("code",), registry=r)
+        self._predictions = Counter(f"{prefix}_predictions", "Predictions returned, by top label.", ("label",),
+                                    registry=r)
+        # Live gauges: with several workers, the queues and the images in inference of the live ones add up; the
+        # service is ready when every live worker is; a model is served if any live worker serves it.
+        self._queue_depth = Gauge(f"{prefix}_queue_depth", "Images waiting for inference.", registry=r,
+                                  multiprocess_mode="livesum")
+        self._in_flight = Gauge(f"{prefix}_inflight_images", "Images in the running inference call.", registry=r,
+                                multiprocess_mode="livesum")
+        self._model_info = Gauge(f"{prefix}_model_info", "The model being served (name@version).", ("model",),
+                                 registry=r, multiprocess_mode="livemax")
+        self._ready = Gauge(f"{prefix}_ready", "1 once the model is loaded and warmed up.", registry=r,
+                            multiprocess_mode="livemin")
+        # The label children of the hot path, looked up once (prometheus_client's .labels() takes a lock).
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._error_children: dict[str, Any] = {}
+        self._prediction_children: dict[str, Any] = {}  # at most one per class of the model, and "unknown"
+        self._stage_children = {stage: self._stages.labels(stage) for stage in ("queue", "decode", "preprocess",
+                                                                                 "inference")}
+        self._queued = 0
+        self._inflight = 0
+        self._model = ""
+        self._is_ready = False
+        self.predictions_returned = 0  # in this process, for tests and Retry-After estimates
+
+    # --- gauges as attributes, which the batcher updates -------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    @queue_depth.setter
+    def queue_depth(self, n: int) -> None:
+        self._queued = n
+        self._queue_depth.set(n)
+
+    @property
+    def in_flight(self) -> int:
+        return self._inflight
+
+    @in_flight.setter
+    def in_flight(self, n: int) -> None:
+        self._inflight = n
+        self._in_flight.set(n)
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @model.setter
+    def model(self, name: str) -> None:
+        if name == self._model:
+            return
+        if self._model:
+            self._model_info.labels(self._model).set(0)
+        self._model = name
+        if name:
+            self._model_info.labels(name).set(1)
+
+    @property
+    def ready(self) -> bool:
+        return self._is_ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._is_ready = bool(value)
+        self._ready.set(int(self._is_ready))
+
+    # --- events ----------------------------------------------------------------------------------------
 
     def request(self, route: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(route, str(status))] += 1
-            hist = self.latency.get(route)
-            if hist is None:
-                hist = self.latency[route] = _Histogram(LATENCY_BUCKETS)
-            hist.observe(seconds)
+        children = self._request_children.get((route, status))
+        if children is None:
+            children = self._request_children[(route, status)] = (self._requests.labels(route, str(status)),
+                                                                  self._latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch(self, size: int) -> None:
-        with self._lock:
-            self.batch_sizes.observe(size)
+        self._batch.observe(size)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._stage_children["queue"].observe(seconds)
+
+    def stages(self, predictions: Iterable[Any]) -> None:
+        """Each prediction's own timings (its decoding; its share of the batch's preprocessing and inference)."""
+        children = self._stage_children
+        for p in predictions:
+            timings = getattr(p, "timings", None) or {}
+            for key, stage in _TIMED_STAGES:
+                ms = timings.get(key)
+                if ms is not None and (stage != "inference" or p.error is None):
+                    children[stage].observe(ms / 1000)
 
     def error(self, code: str) -> None:
-        with self._lock:
-            self.errors[code] += 1
+        child = self._error_children.get(code)
+        if child is None:
+            child = self._error_children[code] = self._errors.labels(code)
+        child.inc()
 
     def prediction(self, label: str) -> None:
-        with self._lock:
-            self.predictions[label] += 1
+        child = self._prediction_children.get(label)
+        if child is None:
+            child = self._prediction_children[label] = self._predictions.labels(label)
+        child.inc()
+        self.predictions_returned += 1
+
+    # --- the page --------------------------------------------------------------------------------------
 
     def render(self) -> str:
-        p = self.prefix
-        out: list[str] = []
+        if self._dir is None:
+            return generate_latest(self.registry).decode()
+        _forget_dead_workers(self._dir)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self._dir)
+        return generate_latest(merged).decode()
 
-        def family(name: str, kind: str, help_text: str) -> None:
-            out.append(f"# HELP {p}_{name} {help_text}")
-            out.append(f"# TYPE {p}_{name} {kind}")
+    def close(self) -> None:
+        """This process stops serving: its live gauges leave the other workers' scrapes."""
+        if self._dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self._dir)
 
-        def histogram(name: str, names: tuple, values: tuple, hist: _Histogram) -> None:
-            running = 0
-            for bound, count in zip(hist.buckets, hist.counts):
-                running += count
-                out.append(f"{p}_{name}_bucket{_labels(names + ('le',), values + (_number(bound),))} {running}")
-            out.append(f"{p}_{name}_bucket{_labels(names + ('le',), values + ('+Inf',))} {hist.count}")
-            out.append(f"{p}_{name}_sum{_labels(names, values)} {_number(hist.sum)}")
-            out.append(f"{p}_{name}_count{_labels(names, values)} {hist.count}")
 
-        with self._lock:
-            family("requests_total", "counter", "HTTP requests by route and status code.")
-            for (route, status), n in sorted(self.requests.items()):
-                out.append(f"{p}_requests_total{_labels(('route', 'status'), (route, status))} {n}")
-            family("request_duration_seconds", "histogram", "HTTP request latency by route.")
-            for route, hist in sorted(self.latency.items()):
-                histogram("request_duration_seconds", ("route",), (route,), hist)
-            family("batch_size", "histogram", "Images per inference call.")
-            histogram("batch_size", (), (), self.batch_sizes)
-            family("queue_depth", "gauge", "Images waiting for inference.")
-            out.append(f"{p}_queue_depth {self.queue_depth}")
-            family("inflight_images", "gauge", "Images in the running inference call.")
-            out.append(f"{p}_inflight_images {self.in_flight}")
-            family("errors_total", "counter", "Error responses (whole requests or batch items) by error code.")
-            for code, n in sorted(self.errors.items()):
-                out.append(f"{p}_errors_total{_labels(('code',), (code,))} {n}")
-            family("predictions_total", "counter", "Predictions returned, by top label.")
-            for label, n in sorted(self.predictions.items()):
-                out.append(f"{p}_predictions_total{_labels(('label',), (label,))} {n}")
-            family("model_info", "gauge", "The model being served (name@version).")
-            if self.model:
-                out.append(f"{p}_model_info{_labels(('model',), (self.model,))} 1")
-            family("ready", "gauge", "1 once the model is loaded and warmed up.")
-            out.append(f"{p}_ready {int(self.ready)}")
-        return "\n".join(out) + "\n"
+def _forget_dead_workers(path: str) -> None:
+    for name in glob.glob(os.path.join(path, "gauge_live*_*.db")):
+        match = _LIVE_GAUGE_FILE.search(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and not _alive(pid):
+            multiprocess.mark_process_dead(pid, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -1,77 +1,77 @@
-"""The published OpenAPI document: FastAPI's, plus what the predict handlers read from the raw request."""
+"""The published OpenAPI document, generated from the routes' models in schemas.py.
+
+FastAPI lists the routes (so a route added to the app appears); every route's request bodies, parameters
+and answers (each status it gives, error bodies included) come from :data:`schemas.ROUTES` and the pydantic
+models there, which the predict handlers validate with and dispatch on. Nothing here is written by hand
+that the handlers could disagree with.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from .schemas import ROUTES, BatchResponse, ErrorBody, NotReady, RequestModels
 
 __all__ = ["openapi_document"]
 
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-        "code": {"type": "string", "description": "stable: invalid_base64, unsupported_format, image_too_large, "
-                                                  "image_too_small, decode_error, empty_input, invalid_request, "
-                                                  "url_not_allowed, url_fetch_failed, too_many_images, queue_full, ..."},
-        "message": {"type": "string"}}}},
-}
-_PREDICTION = {
-    "type": "object",
-    "required": ["label", "score", "top_k", "unknown", "model"],
-    "properties": {
-        "label": {"type": ["string", "null"]},
-        "scientific_name": {"type": ["string", "null"]},
-        "score": {"type": ["number", "null"]},
-        "index": {"type": ["integer", "null"]},
-        "top_k": {"type": "array", "items": {"type": "object", "properties": {
-            "label": {"type": "string"}, "score": {"type": "number"}}}},
-        "unknown": {"type": "boolean"},
-        "model": {"type": "string"},
-        "timings": {"type": "object", "additionalProperties": {"type": "number"}},
-    },
-}
-_IMAGE = {"type": "string", "description": "base64 or a data: URI of a JPEG, PNG, WebP, GIF, BMP or TIFF"}
-_URL = {"type": "string", "description": "an http(s) URL of the image; refused (url_not_allowed) unless the service "
-                                         "enables URL inputs and allows its host"}
+_REF = "#/components/schemas/{model}"
+_MEDIA = {"json": "application/json", "multipart": "multipart/form-data", "raw": "application/octet-stream"}
 
 
-def _errors() -> dict[str, Any]:
-    content = {"application/json": {"schema": _ERROR}}
-    return {str(code): {"description": text, "content": content} for code, text in [
-        (400, "invalid input (bad base64, empty, URL not allowed or its fetch failed)"), (413, "body or image too large"),
-        (415, "unsupported image format"), (422, "undecodable, too small, or an invalid request"),
-        (429, "queue full; see Retry-After"), (503, "deadline passed while queued, or not ready"),
-        (504, "deadline passed during inference")]}
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
 
 
-def openapi_document(app: Any, max_top_k: int) -> dict[str, Any]:
+def openapi_document(app: Any, models: RequestModels) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    top_k = {"name": "top_k", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": max_top_k}}
-    bodies = {
-        "/v1/predict": ({"type": "object", "properties": {"image": _IMAGE, "url": _URL,
-                                                        "top_k": top_k["schema"]}},
-                        {"file": {"type": "string", "format": "binary"}}, _PREDICTION),
-        "/v1/predict/batch": ({"type": "object", "properties": {"images": {"type": "array", "items": {
-                                 "anyOf": [_IMAGE, {"type": "object", "required": ["url"], "properties": {"url": _URL}}]}},
-                                                              "top_k": top_k["schema"]}},
-                              {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                              {"type": "object", "required": ["predictions"], "properties": {"predictions": {
-                                  "type": "array", "items": {"anyOf": [_PREDICTION, _ERROR]}}}}),
+    request_bodies = {
+        "/v1/predict": {"json": models.predict_json, "multipart": models.predict_form},
+        "/v1/predict/batch": {"json": models.batch_json, "multipart": models.batch_form},
     }
-    for path, (json_body, multipart, ok) in bodies.items():
-        operation = doc["paths"][path]["post"]
-        operation["parameters"] = [top_k]
-        operation["requestBody"] = {"required": True, "content": {
-            "application/json": {"schema": json_body},
-            "multipart/form-data": {"schema": {"type": "object", "properties": multipart}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                         "description": "the image itself (any image content type)"},
-        }}
-        operation["responses"] = {"200": {"description": "predictions",
-                                          "content": {"application/json": {"schema": ok}}}, **_errors()}
-    doc["paths"]["/metrics"]["get"]["responses"] = {"200": {"description": "Prometheus text format",
-                                                            "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    inputs = [m for bodies in request_bodies.values() for m in bodies.values()]
+    outputs = {route.ok for route in ROUTES.values() if route.ok is not None} | {ErrorBody, NotReady, BatchResponse}
+    _, schema = models_json_schema([(m, "validation") for m in inputs]
+                                   + [(m, "serialization") for m in sorted(outputs, key=lambda m: m.__name__)],
+                                   ref_template=_REF)
+    doc.setdefault("components", {})["schemas"] = dict(sorted(schema.get("$defs", {}).items()))
+    top_k = {"name": "top_k", "in": "query", "required": False,
+             "description": "the same as the body's top_k (decimal digits); given both ways, the two must agree",
+             "schema": {"type": "integer", "minimum": 1, "maximum": models.max_top_k}}
+    headers = [
+        {"name": "X-Request-Id", "in": "header", "required": False,
+         "description": "returned in the response and logged: letters, digits and ._:- up to 128 characters; "
+                        "anything else (or none) is replaced by a generated one",
+         "schema": {"type": "string"}},
+        {"name": "X-Request-Timeout-Ms", "in": "header", "required": False,
+         "description": "this request's deadline (default: the service's default_timeout_ms)",
+         "schema": {"type": "integer", "minimum": 1, "maximum": app.state.serve.config.max_timeout_ms}},
+    ]
+    for path, route in ROUTES.items():
+        operation = doc["paths"][path][route.method]
+        responses: dict[str, Any] = {}
+        if route.ok is None:
+            responses["200"] = {"description": route.ok_text, "content": {"text/plain": {"schema": {"type": "string"}}}}
+        else:
+            responses["200"] = {"description": route.ok_text, "content": {"application/json": {"schema": _ref(route.ok)}}}
+        error_model = NotReady if path == "/readyz" else ErrorBody
+        for status, text in sorted(route.errors.items()):
+            responses[str(status)] = {"description": text,
+                                      "content": {"application/json": {"schema": _ref(error_model)}}}
+        operation["responses"] = responses
+        if not route.bodies:
+            continue
+        content: dict[str, Any] = {}
+        for kind in route.bodies:
+            if kind == "raw":
+                content[_MEDIA[kind]] = {"schema": {"type": "string", "format": "binary",
+                                                    "description": "the image itself: any content type other than "
+                                                                   "JSON or multipart is read as the image's bytes"}}
+            else:
+                content[_MEDIA[kind]] = {"schema": _ref(request_bodies[path][kind])}
+        operation["requestBody"] = {"required": True, "content": content}
+        operation["parameters"] = [top_k, *headers]
     return doc

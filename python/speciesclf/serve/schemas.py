@@ -1,0 +1,292 @@
+"""The service's bodies as pydantic models: what each route takes and answers.
+
+The OpenAPI document is generated from these (serve/openapi.py), and the predict handlers validate their
+JSON bodies into them and dispatch on :data:`ROUTES`, so what is documented is what is accepted.
+Integers are strict: ``"top_k": 2`` is one, ``"2"`` and ``2.0`` are not (in a query string or a multipart
+field, where every value is text, it is decimal digits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag, ValidationError,
+                      create_model, model_validator)
+
+__all__ = [
+    "BatchResponse", "ErrorBody", "ErrorDetail", "Health", "ModelsBody", "NotReady", "PredictionBody", "Ready",
+    "RequestModels", "RouteDoc", "ROUTES", "TopKEntry", "UrlInput", "validation_message",
+]
+
+DEFAULT_TOP_K = 5
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() would take "٢" and "²"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- requests ------------------------------------------------------------------------------------------------
+
+_IMAGE_TEXT = ("the image: base64 (standard or URL-safe alphabet, padding optional) or a data: URI with "
+               ";base64, of a JPEG, PNG, WebP, GIF, BMP or TIFF")
+_URL_TEXT = ("an http(s) URL of the image, fetched by the service; refused (url_not_allowed) unless the service "
+             "enables URL inputs and allows its host")
+
+
+class UrlInput(_Body):
+    """An image given by URL."""
+
+    url: StrictStr = Field(description=_URL_TEXT)
+
+
+def _item_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "base64"
+    if isinstance(value, (dict, UrlInput)):
+        return "url"
+    return None
+
+
+# A batch item: a string is an image, an object is {"url": ...}; anything else refuses the request.
+BatchItem = Annotated[
+    Union[Annotated[StrictStr, Tag("base64")], Annotated[UrlInput, Tag("url")]],
+    Discriminator(_item_kind, custom_error_type="invalid_item",
+                  custom_error_message='must be a base64 string or {"url": ...}'),
+    Field(description=_IMAGE_TEXT + '; or {"url": ...}'),
+]
+
+
+class _PredictRequest(_Body):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["image"]},
+                                                                          {"required": ["url"]}]})
+
+    image: StrictStr = Field(None, description=_IMAGE_TEXT, json_schema_extra=lambda s: s.pop("default", None))
+    url: StrictStr = Field(None, description=_URL_TEXT, json_schema_extra=lambda s: s.pop("default", None))
+
+    @model_validator(mode="after")
+    def _one_image(self) -> _PredictRequest:
+        if (self.image is None) == (self.url is None):
+            raise ValueError("give exactly one of 'image' (base64 or a data: URI) or 'url'")
+        return self
+
+
+class _BatchRequest(_Body):
+    images: list[BatchItem] = Field(description="the images, in the order of the answers (at least 1, at most "
+                                                "the service's max_batch_request)")
+
+
+def _top_k_field(max_top_k: int, as_text: bool) -> Any:
+    kind = "decimal digits" if as_text else "a JSON integer, not a string or 2.0"
+    return Field(None, ge=1, le=max_top_k, json_schema_extra=lambda s: s.pop("default", None),
+                 description=f"how many guesses to return, 1..{max_top_k} (default {DEFAULT_TOP_K}): {kind}. It may "
+                             "be given as ?top_k= instead; given both ways, the two must agree")
+
+
+class _PredictForm(_Body):
+    file: bytes = Field(description="the image file")
+
+
+class _BatchForm(_Body):
+    files: list[bytes] = Field(None, description="the image files, one part each, in the order of the answers")
+    file: list[bytes] = Field(None, description="accepted as files are")
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestModels:
+    """The request models of one app: ``top_k``'s upper bound is its ``max_top_k``."""
+
+    max_top_k: int
+    predict_json: type[BaseModel]
+    batch_json: type[BaseModel]
+    predict_form: type[BaseModel]
+    batch_form: type[BaseModel]
+
+    @classmethod
+    def build(cls, max_top_k: int) -> RequestModels:
+        def with_top_k(name: str, base: type[BaseModel], doc: str, as_text: bool) -> type[BaseModel]:
+            top_k_type = int if as_text else StrictInt  # a multipart field is text: digits, checked by top_k_text
+            return create_model(name, __base__=base, __doc__=doc,
+                                top_k=(top_k_type, _top_k_field(max_top_k, as_text)))
+
+        return cls(
+            max_top_k=max_top_k,
+            predict_json=with_top_k("PredictRequest", _PredictRequest,
+                                    "One image: exactly one of image or url.", False),
+            batch_json=with_top_k("BatchRequest", _BatchRequest, "Several images, each answered on its own.", False),
+            predict_form=with_top_k("PredictForm", _PredictForm, "One image file.", True),
+            batch_form=with_top_k("BatchForm", _BatchForm, "Several image files.", True),
+        )
+
+    def top_k_text(self, value: str | None, where: str) -> int | None:
+        """``top_k`` from a query string or a multipart field: decimal digits in range, or None if absent."""
+        if value is None:
+            return None
+        if not _DIGITS.fullmatch(value) or not 1 <= int(value) <= self.max_top_k:
+            raise ValueError(f"{where} top_k must be an integer in 1..{self.max_top_k} (decimal digits), "
+                             f"got {value[:40]!r}")
+        return int(value)
+
+
+def validation_message(error: ValidationError, max_top_k: int) -> str:
+    """One line naming each problem by its place in the body (``images[1]``, ``top_k``)."""
+    parts = []
+    for e in error.errors(include_url=False):
+        # pydantic puts the union's tag after a list index (images, 1, "url", "y"): not a place in the body.
+        loc = [p for i, p in enumerate(e["loc"]) if not (i and isinstance(e["loc"][i - 1], int) and p in _TAGS)]
+        kind = e["type"]
+        if kind == "json_invalid":
+            detail = str((e.get("ctx") or {}).get("error", e["msg"]))
+            parts.append("invalid JSON: " + ("nested too deeply" if "recursion limit" in detail else detail))
+        elif kind == "extra_forbidden":
+            container = _place(loc[:-1])
+            parts.append(f"unknown field {str(loc[-1])[:60]!r}" + (f" in {container}" if container else ""))
+        elif loc == ["top_k"]:
+            parts.append(f"top_k must be an integer in 1..{max_top_k} (a JSON integer, not a string or 2.0)")
+        elif kind == "missing":
+            parts.append(f"{_place(loc)} is required")
+        else:
+            message = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{_place(loc)}: {message}" if loc else message)
+    return "; ".join(dict.fromkeys(parts))[:500]
+
+
+_TAGS = ("base64", "url")
+
+
+def _place(loc: list) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+
+
+# --- responses -----------------------------------------------------------------------------------------------
+
+ERROR_CODES_TEXT = ("stable: invalid_base64, empty_input, url_not_allowed, url_fetch_failed, unsupported_format, "
+                    "image_too_large, image_too_small, decode_error, invalid_request, too_many_images, queue_full, "
+                    "deadline_exceeded, inference_timeout, not_ready, shutting_down, server_busy, client_closed, "
+                    "model_error, internal, not_found, method_not_allowed (see docs/serve.md)")
+
+
+class ErrorDetail(_Body):
+    code: str = Field(description=ERROR_CODES_TEXT)
+    message: str = Field(description="for people; never carries server paths")
+
+
+class ErrorBody(_Body):
+    """Every error answer, and a batch item that failed."""
+
+    error: ErrorDetail
+
+
+class TopKEntry(_Body):
+    label: str
+    score: float
+
+
+class PredictionBody(_Body):
+    """``Prediction.to_dict()``: label is null when the open-set rule says unknown; guess stays visible."""
+
+    label: str | None = Field(description="the reported class; null when unknown")
+    guess: str | None = Field(description="the best class whatever the open-set rule said")
+    score: float | None = Field(description="the probability of guess among the reported classes")
+    index: int | None = Field(description="the model output index of guess")
+    scientific_name: str | None = Field(description="of label (null when unknown)")
+    open_set_score: float | None = Field(description="what the open-set rule compared with its threshold")
+    unknown: bool
+    top_k: list[TopKEntry] = Field(description="guesses, best first")
+    model: str = Field(description="name@version")
+    timings: dict[str, float] = Field(description="decode_ms, preprocess_ms, inference_ms")
+    error: ErrorDetail | None = Field(description="null in a prediction the service answers")
+
+
+class BatchResponse(_Body):
+    predictions: list[Union[PredictionBody, ErrorBody]] = Field(
+        description="one per image, in order: a prediction, or that image's own error")
+
+
+class Health(_Body):
+    status: Literal["ok"]
+    pid: int = Field(description="the worker process that answered")
+
+
+class Ready(_Body):
+    status: Literal["ready"]
+    model: str
+
+
+class NotReady(_Body):
+    status: Literal["loading", "failed"]
+    error: str = Field(None, description="why the model failed to load (the server's log has the details)",
+                       json_schema_extra=lambda s: s.pop("default", None))
+
+
+class Preprocessing(_Body):
+    size: int
+    resize: int | None
+    crop: str
+    mean: list[float]
+    std: list[float]
+    interpolation: str
+    dtype: str
+    layout: str
+    max_pixels: int
+    max_bytes: int
+
+
+class ModelInfo(_Body):
+    model: str
+    labels: int
+    device: str
+    preprocessing: Preprocessing
+    serving: dict[str, Any] = Field(description="the effective ServeConfig, host and port aside")
+
+
+class ModelsBody(_Body):
+    models: list[ModelInfo]
+
+
+# --- routes --------------------------------------------------------------------------------------------------
+
+_STATUS_TEXT = {
+    400: "invalid_base64, empty_input, url_not_allowed or url_fetch_failed",
+    413: "image_too_large (the body) or too_many_images",
+    415: "unsupported_format (sniffed from the bytes); or invalid_request: a body type this route does not take",
+    422: "invalid_request (a body, field, query parameter or header the route does not take as sent), "
+         "decode_error, image_too_large (pixels) or image_too_small",
+    429: "queue_full: see Retry-After",
+    499: "client_closed: the client left before sending its whole body (nobody reads this answer)",
+    500: "model_error (the model's scores were not finite) or internal",
+    503: "not_ready, shutting_down, server_busy (see Retry-After) or deadline_exceeded (while queued)",
+    504: "inference_timeout",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteDoc:
+    """One route: the body forms it takes (``json``, ``multipart``, ``raw``) and every status it answers."""
+
+    method: str
+    bodies: tuple[str, ...] = ()
+    ok: type[BaseModel] | None = None
+    ok_text: str = "OK"
+    errors: dict[int, str] = dataclasses.field(default_factory=dict)  # status -> description; body ErrorBody
+
+
+_PREDICT_ERRORS = {s: _STATUS_TEXT[s] for s in (400, 413, 415, 422, 429, 499, 500, 503, 504)}
+_BATCH_ERRORS = {**_PREDICT_ERRORS, 400: "empty_input (no images)",
+                 415: "invalid_request: a body that is neither JSON nor multipart",
+                 422: "invalid_request: a body, field, query parameter or header the route does not take as sent "
+                      "(an image's own problems are that item's error in a 200 answer)"}
+
+ROUTES: dict[str, RouteDoc] = {
+    "/v1/predict": RouteDoc("post", ("json", "multipart", "raw"), PredictionBody, "the prediction", _PREDICT_ERRORS),
+    "/v1/predict/batch": RouteDoc("post", ("json", "multipart"), BatchResponse,
+                                  "one answer per image; a bad image never fails the others", _BATCH_ERRORS),
+    "/v1/models": RouteDoc("get", (), ModelsBody, "the model served and the effective settings",
+                           {503: "not_ready: the model is loading or failed to load"}),
+    "/healthz": RouteDoc("get", (), Health, "the process serves HTTP"),
+    "/readyz": RouteDoc("get", (), Ready, "the model is loaded and warmed up",
+                        {503: "the model is loading, or failed to load (a NotReady body, not an error body)"}),
+    "/metrics": RouteDoc("get", (), None, "Prometheus text format"),
+}
