@@ -159,6 +159,33 @@ py::tuple decode(const py::buffer& data, int min_width, int min_height, uint64_t
   return py::make_tuple(0, std::string(), array);
 }
 
+// Returns (status, message, width, height): the stored size the decoder would go by, read from the header
+// without decoding a pixel (no limits applied: the caller compares). Formats this build leaves to Pillow
+// answer status 3 (codec unavailable).
+py::tuple probe(const py::buffer& data) {
+  py::buffer_info info = data.request();
+  if (info.ndim != 1 || info.itemsize != 1 || (info.size > 1 && info.strides[0] != 1))
+    throw py::type_error("probe() takes contiguous encoded bytes");
+  const auto* bytes = static_cast<const uint8_t*>(info.ptr);
+  const std::size_t size = std::size_t(info.size);
+  Probe found;
+  Status status = Status::kOk;
+  std::string message;
+  {
+    py::gil_scoped_release release;
+    try {
+      found = probe_image(bytes, size, Limits{UINT64_MAX, UINT64_MAX});
+    } catch (const ImageFailure& f) {
+      status = f.status();
+      message = f.what();
+    } catch (const std::bad_alloc&) {
+      status = Status::kOutOfMemory;
+      message = "out of memory";
+    }
+  }
+  return py::make_tuple(int(status), message_text(message), found.stored_width, found.stored_height);
+}
+
 // The CPU twin of the CUDA kernels (fused_resize.h), for the tests: one image in its stored orientation
 // (HxW or HxWx3 uint8, rows packed) to one output slot, returned as raw bytes.
 py::bytes fused_resize_cpu(const py::buffer& pixels, int orientation, int size, int resize, int filter, int dtype,
@@ -259,6 +286,7 @@ PYBIND11_MODULE(_native, m) {
         py::arg("slots"), py::arg("timings") = py::none());
   m.def("decode", &decode, py::arg("data"), py::arg("min_width"), py::arg("min_height"), py::arg("max_pixels"),
         py::arg("max_bytes"));
+  m.def("probe", &probe, py::arg("data"));
   m.def("build_info", &build_info);
   m.def("_fused_resize_cpu", &fused_resize_cpu, py::arg("pixels"), py::arg("orientation"), py::arg("size"),
         py::arg("resize"), py::arg("filter"), py::arg("dtype"), py::arg("layout"), py::arg("mean"), py::arg("std"));

@@ -3,7 +3,6 @@ predict_iter keeps what it computed, and the classifier's resources (buffers, th
 
 from __future__ import annotations
 
-import http.client
 import pathlib
 import threading
 import time
@@ -86,15 +85,30 @@ def test_failing_file_objects_fail_alone(species100, sample_photos):
     assert errors_of(predictions) == [None, ImageReadError, InvalidImageError, ImageReadError]
 
 
-@pytest.mark.parametrize("error", [http.client.InvalidURL("bad port"), http.client.BadStatusLine("x"),
-                                   http.client.IncompleteRead(b"partial")])
-def test_http_exceptions_are_read_errors(error, monkeypatch):
-    def urlopen(*args, **kwargs):
-        raise error
+@pytest.mark.parametrize("answer", [b"NOT HTTP AT ALL\r\n\r\n", b"HTTP/1.1 2x0 OK\r\n\r\n",
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"])
+def test_broken_http_answers_are_read_errors(answer):
+    # A bad status line, an incomplete body: the URL's failure (ImageReadError), never another exception.
+    import socket
 
-    monkeypatch.setattr(speciesclf.sources.urllib.request, "urlopen", urlopen)
-    with pytest.raises(ImageReadError, match="cannot fetch"):
-        speciesclf.sources.to_image_source("http://127.0.0.1:1/x.jpg", max_bytes=100, allow_urls=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_once():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=answer_once, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg"
+    try:
+        with pytest.raises(ImageReadError, match="cannot fetch"):
+            speciesclf.sources.to_image_source(url, max_bytes=1000,
+                                               allow_urls=speciesclf.UrlPolicy(allow_networks=("127.0.0.1/32",)))
+    finally:
+        thread.join(5)
+        listener.close()
 
 
 @pytest.mark.parametrize("tensor", [

@@ -110,7 +110,7 @@ def test_cli_classify(home, sample_photos, tmp_path):
     assert run.returncode == 1 and "1 of 5 images could not be classified" in run.stderr
     assert [Path(r["file"]).name for r in rows] == sorted(p.name for p in folder.iterdir())
     broken = next(r for r in rows if r["file"].endswith("broken.jpg"))
-    assert broken["error"]["type"] == "DecodeError" and broken["label"] is None
+    assert broken["error"]["code"] == "decode_error" and broken["label"] is None
     good = [r for r in rows if r["error"] is None]
     assert len(good) == 4 and all(r["model"] == "species100@1.0.0" for r in good)
     table = subprocess.run([sys.executable, "-m", "speciesclf", "classify", str(sample_photos[0]), "--model", "imagenet1k"],

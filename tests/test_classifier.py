@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from speciesclf import Classifier, Prediction
-from speciesclf.errors import ImageReadError, InvalidImageError, UnsupportedFormatError
+from speciesclf.errors import ImageReadError, InvalidImageError, UnsupportedFormatError, UrlNotAllowedError
+from speciesclf.fetch import UrlPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,10 +81,10 @@ def test_bad_items_do_not_spoil_the_batch(imagenet: Classifier, sample_photos):
     predictions = imagenet.predict_batch(items)
     kinds = [type(p.error).__name__ if p.error else None for p in predictions]
     assert kinds == ["EmptyInputError", None, "ImageReadError", "UnsupportedFormatError", "InvalidImageError",
-                     None, "InvalidImageError"]
+                     None, "UrlNotAllowedError"]
     for i in (1, 5):
         assert predictions[i].index == alone.index and abs(predictions[i].score - alone.score) < 1e-6
-    assert predictions[0].to_dict()["error"]["type"] == "EmptyInputError"
+    assert predictions[0].to_dict()["error"] == {"code": "empty_input", "message": str(predictions[0].error)}
     with pytest.raises(UnsupportedFormatError):
         imagenet.predict_batch([good, b"not an image at all"], on_error="raise")
     with pytest.raises(ImageReadError):
@@ -109,8 +110,10 @@ def test_urls_only_when_allowed(model_file: Path, sample_photos):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/photo.jpg"
         with Classifier.load(model_file, labels="imagenet1k") as closed:
-            assert isinstance(closed.predict(url).error, InvalidImageError)
-        with Classifier.load(model_file, labels="imagenet1k", allow_urls=True) as open_:
+            assert isinstance(closed.predict(url).error, UrlNotAllowedError)
+        # The server is on loopback, which URL inputs refuse unless the policy allows it.
+        loopback = UrlPolicy(allow_networks=("127.0.0.1/32",))
+        with Classifier.load(model_file, labels="imagenet1k", allow_urls=loopback) as open_:
             fetched = open_.predict(url)
             assert fetched.ok and fetched.index == open_.predict(data).index
     finally:

@@ -24,9 +24,11 @@ from PIL import Image  # noqa: E402
 
 from serve_server import LiveServer  # noqa: E402
 from speciesclf.serve import ServeConfig, create_app  # noqa: E402
-from speciesclf.serve._fetch import UrlFetcher, host_allowed  # noqa: E402
+from speciesclf.decoding import image_size  # noqa: E402
+from speciesclf.fetch import host_allowed  # noqa: E402
+from speciesclf.serve._fetch import ServiceFetcher  # noqa: E402
 from speciesclf.serve.app import _REQUEST_ID  # noqa: E402
-from speciesclf.serve._images import ApiError, check_image, image_dimensions  # noqa: E402
+from speciesclf.serve._images import ApiError, check_image  # noqa: E402
 from speciesclf.serve.batcher import Batcher, DeadlineExceeded  # noqa: E402
 from speciesclf.serve.logs import configure_logging, logger, uvicorn_log_config  # noqa: E402
 from speciesclf.serve.metrics import Metrics  # noqa: E402
@@ -92,8 +94,8 @@ class RawOrigin:
         self.sock.close()
 
 
-def fetcher() -> UrlFetcher:
-    return UrlFetcher(ServeConfig(url_inputs=True, url_allow_hosts=("127.0.0.1",),
+def fetcher() -> ServiceFetcher:
+    return ServiceFetcher(ServeConfig(url_inputs=True, url_allow_hosts=("127.0.0.1",),
                                   url_allow_networks=("127.0.0.1/32",), url_read_timeout_s=1.0, url_timeout_s=3.0))
 
 
@@ -150,20 +152,20 @@ def test_timeouts_are_bounded() -> None:
 ])
 def test_the_jpeg_header_scan_is_bounded_on_hostile_input(body: bytes) -> None:
     start = time.perf_counter()
-    assert image_dimensions(body, "JPEG") is None
+    assert image_size(body) is None
     assert time.perf_counter() - start < 0.05
 
 
 def test_the_jpeg_header_scan_still_reads_real_files() -> None:
     data = encoded("JPEG", 300, 200)
-    assert image_dimensions(data, "JPEG") == (300, 200)
+    assert image_size(data) == (300, 200)
     padded = data[:2] + b"\xff" * 1000 + data[2:]  # fill bytes before a marker are legal
-    assert image_dimensions(padded, "JPEG") == (300, 200)
+    assert image_size(padded) == (300, 200)
 
 
 def test_tiff_is_held_to_the_same_size_limits_as_other_formats() -> None:
     big, small = encoded("TIFF", 400, 400), encoded("TIFF", 8, 8)
-    assert image_dimensions(big, "TIFF") == (400, 400)
+    assert image_size(big) == (400, 400)
     with pytest.raises(ApiError) as e:
         check_image(big, min_side=16, max_pixels=100_000)
     assert e.value.code == "image_too_large"

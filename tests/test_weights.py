@@ -16,8 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from speciesclf import fetch
+from speciesclf.fetch import UrlPolicy
 from speciesclf.models import weights as W
 from speciesclf.models.weights import MOBILENETV2_INT8, WeightsError, WeightsSpec, cache_dir, weights_path
+
+# The test server listens on loopback, which downloads refuse unless their policy allows it.
+LOOPBACK = UrlPolicy(allow_networks=("127.0.0.1/32",))
 
 PAYLOAD = os.urandom(40_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -27,6 +32,10 @@ FILENAME = "fake-model.onnx"
 
 def fake_spec(*urls: str) -> WeightsSpec:
     return WeightsSpec(filename=FILENAME, sha256=PAYLOAD_SHA, size=len(PAYLOAD), urls=urls)
+
+
+def download(spec: WeightsSpec, **kwargs) -> Path:
+    return weights_path(spec, url_policy=LOOPBACK, **kwargs)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -78,6 +87,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._redirect("file:///etc/passwd")
             elif path == "/to-ftp":
                 self._redirect("ftp://127.0.0.1/fake-model.onnx")
+            elif path == "/to-private":
+                self._redirect("http://10.0.0.1/fake-model.onnx")
+            elif path == "/to-metadata":
+                self._redirect("http://169.254.169.254/latest/meta-data/")
             elif path == "/slow-headers":
                 state.stop.wait(10)
                 self._send(PAYLOAD)
@@ -165,27 +178,27 @@ def assert_cached() -> Path:
 
 def test_download_then_cache_hit(server):
     spec = fake_spec(server.url("/good"))
-    path = weights_path(spec, timeout=5)
+    path = download(spec, timeout=5)
     assert path == weights_dir() / FILENAME
     assert_cached()
     assert server.requests == ["/good"]
     assert path.stat().st_mode & 0o444 == 0o444
     server.close()  # no network from now on: the cache must answer
-    assert weights_path(spec, timeout=5) == path
-    assert weights_path(spec, download=False) == path
+    assert download(spec, timeout=5) == path
+    assert download(spec, download=False) == path
 
 
 def test_cache_hit_makes_no_request(server):
     weights_dir().mkdir(parents=True)
     (weights_dir() / FILENAME).write_bytes(PAYLOAD)
-    assert weights_path(fake_spec(server.url("/good")), timeout=5) == weights_dir() / FILENAME
+    assert download(fake_spec(server.url("/good")), timeout=5) == weights_dir() / FILENAME
     assert server.requests == []
 
 
 def test_corrupt_cache_is_refetched(server):
     weights_dir().mkdir(parents=True)
     (weights_dir() / FILENAME).write_bytes(CORRUPT)
-    path = weights_path(fake_spec(server.url("/good")), timeout=5)
+    path = download(fake_spec(server.url("/good")), timeout=5)
     assert path == assert_cached()
     assert server.requests == ["/good"]
 
@@ -194,7 +207,7 @@ def test_corrupt_cache_without_download_is_removed(server):
     weights_dir().mkdir(parents=True)
     (weights_dir() / FILENAME).write_bytes(PAYLOAD[:-1])
     with pytest.raises(WeightsError, match="download=False") as info:
-        weights_path(fake_spec(server.url("/good")), download=False)
+        download(fake_spec(server.url("/good")), download=False)
     assert "SPECIESCLF_WEIGHTS=" in str(info.value)
     assert cache_entries() == []
     assert server.requests == []
@@ -202,7 +215,7 @@ def test_corrupt_cache_without_download_is_removed(server):
 
 def test_hash_mismatch_leaves_nothing(server):
     with pytest.raises(WeightsError) as info:
-        weights_path(fake_spec(server.url("/corrupt")), timeout=5)
+        download(fake_spec(server.url("/corrupt")), timeout=5)
     message = str(info.value)
     assert PAYLOAD_SHA in message and hashlib.sha256(CORRUPT).hexdigest() in message
     assert "SPECIESCLF_WEIGHTS=" in message
@@ -211,19 +224,19 @@ def test_hash_mismatch_leaves_nothing(server):
 
 def test_truncated_body_is_rejected(server):
     with pytest.raises(WeightsError):
-        weights_path(fake_spec(server.url("/truncated")), timeout=5)
+        download(fake_spec(server.url("/truncated")), timeout=5)
     assert cache_entries() == []
 
 
 def test_404_falls_back_to_the_next_url(server):
-    path = weights_path(fake_spec(server.url("/missing"), server.url("/corrupt"), server.url("/good")), timeout=5)
+    path = download(fake_spec(server.url("/missing"), server.url("/corrupt"), server.url("/good")), timeout=5)
     assert path == assert_cached()
     assert server.requests == ["/missing", "/corrupt", "/good"]
 
 
 def test_every_url_failing_says_why_and_what_to_do(server):
     with pytest.raises(WeightsError) as info:
-        weights_path(fake_spec(server.url("/missing"), server.url("/corrupt")), timeout=5)
+        download(fake_spec(server.url("/missing"), server.url("/corrupt")), timeout=5)
     message = str(info.value)
     assert "404" in message and "sha256 mismatch" in message
     assert server.url("/missing") in message and server.url("/corrupt") in message
@@ -233,19 +246,19 @@ def test_every_url_failing_says_why_and_what_to_do(server):
 
 def test_no_urls(server):
     with pytest.raises(WeightsError, match="SPECIESCLF_WEIGHTS"):
-        weights_path(fake_spec(), timeout=5)
+        download(fake_spec(), timeout=5)
 
 
 @pytest.mark.parametrize("route", ["/redirect", "/redirect-absolute", "/chain/4"])
 def test_redirects_are_followed(server, route):
-    assert weights_path(fake_spec(server.url(route)), timeout=5) == assert_cached()
+    assert download(fake_spec(server.url(route)), timeout=5) == assert_cached()
     assert server.requests[-1] == "/good"
 
 
 @pytest.mark.parametrize("route", ["/chain/5", "/loop"])
 def test_too_many_redirects(server, route):
     with pytest.raises(WeightsError, match="(?i)redirect"):
-        weights_path(fake_spec(server.url(route)), timeout=5)
+        download(fake_spec(server.url(route)), timeout=5)
     assert len(server.requests) <= W.MAX_REDIRECTS + 1
     assert cache_entries() == []
 
@@ -253,7 +266,7 @@ def test_too_many_redirects(server, route):
 @pytest.mark.parametrize("route", ["/to-file", "/to-ftp"])
 def test_redirect_off_http_is_refused(server, route):
     with pytest.raises(WeightsError, match="(?i)redirect"):
-        weights_path(fake_spec(server.url(route)), timeout=5)
+        download(fake_spec(server.url(route)), timeout=5)
     assert cache_entries() == []
 
 
@@ -261,7 +274,7 @@ def test_non_http_urls_are_not_tried(tmp_path):
     local = tmp_path / "model.onnx"
     local.write_bytes(PAYLOAD)
     with pytest.raises(WeightsError, match="unsupported URL scheme"):
-        weights_path(fake_spec(local.as_uri(), "ftp://127.0.0.1/x"), timeout=5)
+        download(fake_spec(local.as_uri(), "ftp://127.0.0.1/x"), timeout=5)
     assert cache_entries() == []
 
 
@@ -269,20 +282,20 @@ def test_non_http_urls_are_not_tried(tmp_path):
 def test_slow_server_times_out(server, route):
     start = time.monotonic()
     with pytest.raises(WeightsError, match="timed out"):
-        weights_path(fake_spec(server.url(route)), timeout=0.5)
+        download(fake_spec(server.url(route)), timeout=0.5)
     assert time.monotonic() - start < 3
     assert cache_entries() == []
 
 
 def test_slow_server_falls_back(server):
-    path = weights_path(fake_spec(server.url("/slow-headers"), server.url("/good")), timeout=0.5)
+    path = download(fake_spec(server.url("/slow-headers"), server.url("/good")), timeout=0.5)
     assert path == assert_cached()
 
 
 @pytest.mark.parametrize("route", ["/huge", "/huge-no-length"])
 def test_oversized_body_is_rejected(server, route):
     with pytest.raises(WeightsError, match="cap"):
-        weights_path(fake_spec(server.url(route)), timeout=5)
+        download(fake_spec(server.url(route)), timeout=5)
     assert cache_entries() == []
 
 
@@ -294,7 +307,7 @@ def test_concurrent_downloads(server):
     def fetch():
         barrier.wait()
         try:
-            results.append(weights_path(spec, timeout=5))
+            results.append(download(spec, timeout=5))
         except Exception as exc:  # reported below
             results.append(exc)
 
@@ -312,7 +325,49 @@ def test_unwritable_cache_is_a_weights_error(tmp_path, monkeypatch, server):
     blocker.write_bytes(b"")
     monkeypatch.setenv("SPECIESCLF_HOME", str(blocker / "home"))
     with pytest.raises(WeightsError, match="cache folder"):
+        download(fake_spec(server.url("/good")), timeout=5)
+
+
+def test_the_default_policy_refuses_loopback_without_a_request(server):
+    with pytest.raises(WeightsError, match="refused address") as info:
         weights_path(fake_spec(server.url("/good")), timeout=5)
+    assert "loopback" in str(info.value)
+    assert server.requests == [] and cache_entries() == []
+
+
+@pytest.mark.parametrize("route", ["/to-private", "/to-metadata"])
+def test_a_redirect_to_a_private_address_is_refused_without_connecting(server, route, monkeypatch):
+    import socket
+
+    connected: list = []
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        connected.append(address[0])
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    with pytest.raises(WeightsError, match="redirect .* refused") as info:
+        download(fake_spec(server.url(route)), timeout=5)
+    assert "refused address" in str(info.value)
+    assert server.requests == [route] and set(connected) == {"127.0.0.1"}
+    assert cache_entries() == []
+
+
+def test_downloads_go_through_the_one_url_fetcher(server, monkeypatch):
+    fetched: list[tuple[str, UrlPolicy]] = []
+    real = fetch.UrlFetcher.fetch_into
+
+    async def spy(self, url, sink, **kwargs):
+        fetched.append((url, self.policy))
+        return await real(self, url, sink, **kwargs)
+
+    monkeypatch.setattr(fetch.UrlFetcher, "fetch_into", spy)
+    download(fake_spec(server.url("/good")), timeout=5)
+    [(url, policy)] = fetched
+    assert url == server.url("/good")
+    assert policy.max_bytes == 2 * len(PAYLOAD) and policy.max_redirects == W.MAX_REDIRECTS
+    assert policy.allow_networks == ("127.0.0.1/32",) and policy.read_timeout_s == 5
 
 
 # --- $SPECIESCLF_WEIGHTS -------------------------------------------------------------------------------
@@ -322,7 +377,7 @@ def test_env_file(tmp_path, monkeypatch, server):
     local = tmp_path / "any-name.bin"
     local.write_bytes(PAYLOAD)
     monkeypatch.setenv("SPECIESCLF_WEIGHTS", str(local))
-    assert weights_path(fake_spec(server.url("/good")), timeout=5) == local
+    assert download(fake_spec(server.url("/good")), timeout=5) == local
     assert server.requests == [] and cache_entries() == []
 
 
@@ -331,7 +386,7 @@ def test_env_directory(tmp_path, monkeypatch, server):
     folder.mkdir()
     (folder / FILENAME).write_bytes(PAYLOAD)
     monkeypatch.setenv("SPECIESCLF_WEIGHTS", str(folder))
-    assert weights_path(fake_spec(server.url("/good")), timeout=5) == folder / FILENAME
+    assert download(fake_spec(server.url("/good")), timeout=5) == folder / FILENAME
     assert server.requests == [] and cache_entries() == []
 
 
@@ -340,7 +395,7 @@ def test_env_wrong_hash(tmp_path, monkeypatch, server):
     local.write_bytes(CORRUPT)
     monkeypatch.setenv("SPECIESCLF_WEIGHTS", str(local))
     with pytest.raises(WeightsError) as info:
-        weights_path(fake_spec(server.url("/good")), timeout=5)
+        download(fake_spec(server.url("/good")), timeout=5)
     message = str(info.value)
     assert PAYLOAD_SHA in message and hashlib.sha256(CORRUPT).hexdigest() in message
     assert server.requests == [] and cache_entries() == []  # an explicit setting is not overridden
@@ -351,7 +406,7 @@ def test_env_missing(tmp_path, monkeypatch, server, form):
     target = tmp_path / "nothing-here.onnx" if form == "missing file" else tmp_path
     monkeypatch.setenv("SPECIESCLF_WEIGHTS", str(target))
     with pytest.raises(WeightsError, match="no such file"):
-        weights_path(fake_spec(server.url("/good")), timeout=5)
+        download(fake_spec(server.url("/good")), timeout=5)
     assert server.requests == []
 
 
@@ -361,7 +416,7 @@ def test_env_beats_a_good_cache(tmp_path, monkeypatch):
     local = tmp_path / "elsewhere.onnx"
     local.write_bytes(PAYLOAD)
     monkeypatch.setenv("SPECIESCLF_WEIGHTS", str(local))
-    assert weights_path(fake_spec()) == local
+    assert download(fake_spec()) == local
 
 
 # --- cache folder and the spec -------------------------------------------------------------------------
@@ -415,7 +470,7 @@ def test_spec_urls_must_be_a_sequence():
 
 def test_bad_timeout():
     with pytest.raises(ValueError):
-        weights_path(fake_spec(), timeout=0)
+        download(fake_spec(), timeout=0)
 
 
 # --- the real model, from the shared assets ------------------------------------------------------------

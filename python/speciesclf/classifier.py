@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 
 from .bundle import BundleError
-from .errors import ImageError, ModelOutputError
+from .errors import ImageError, ModelOutputError, error_body
+from .fetch import UrlPolicy
 from .postprocess import PostProcessor, top_k_indices
 from .preprocess import preprocess_batch
 from .runtimes import framework_for_file, load_runtime
@@ -75,7 +76,7 @@ class Prediction:
             "top_k": [{"label": label, "score": score} for label, score in self.top_k],
             "model": self.model,
             "timings": dict(self.timings),
-            "error": None if self.error is None else {"type": type(self.error).__name__, "message": str(self.error)},
+            "error": None if self.error is None else error_body(self.error),
         }
         if self.logits is not None:
             data["logits"] = [float(v) for v in self.logits]
@@ -201,7 +202,8 @@ class Classifier:
     """Load with :meth:`load`; predict with :meth:`predict`, :meth:`predict_batch` or :meth:`predict_iter`."""
 
     def __init__(self, engine: _Engine, *, batch_size: int = 64, threads: int | None = None,
-                 hooks: Any = None, allow_urls: bool = False, load_options: Mapping[str, Any] | None = None):
+                 hooks: Any = None, allow_urls: bool | UrlPolicy | Iterable[str] = False,
+                 load_options: Mapping[str, Any] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._live_engine = engine
@@ -209,6 +211,7 @@ class Classifier:
         self._closed = False
         self.batch_size = int(batch_size)
         self.threads = threads
+        UrlPolicy.of(allow_urls)  # a wrong type fails here, not at the first URL
         self.allow_urls = allow_urls
         self._hooks = hooks
         self._load_options = dict(load_options or {})
@@ -225,7 +228,7 @@ class Classifier:
     @classmethod
     def load(cls, source: Any, *, device: str = "auto", backend: str = "auto", labels: Any = None,
              batch_size: int = 64, threads: int | None = None, hooks: Any = None, registry: Any = None,
-             preprocess: PreprocessSpec | None = None, allow_urls: bool = False,
+             preprocess: PreprocessSpec | None = None, allow_urls: bool | UrlPolicy | Iterable[str] = False,
              runtime_options: Mapping[str, Any] | None = None, precision: str | None = None,
              gpu_preprocessing: bool | None = None) -> Classifier:
         """Load a bundle (directory or .zip), a registry reference (``name@1.2.0``, ``name@production``,

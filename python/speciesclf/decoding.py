@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _formats
 from ._pillow_backend import open_upright
 from .errors import CODEC_UNAVAILABLE, error_from_status
 from .inputs import read_file
 from .spec import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
-__all__ = ["decode"]
+__all__ = ["decode", "image_size"]
 
 
 def decode(
@@ -44,3 +46,40 @@ def decode(
         bytes(data), max_pixels=max_pixels, max_bytes=max_bytes, min_size=(lambda _: min_size) if min_size else None
     )
     return np.array(image)
+
+
+# How much of a file image_size() hands the native header reader: real files have their frame header in the
+# first few kilobytes; a hostile one may hold millions of empty markers before it. Past this, the decoder
+# decides (with the same header reader and the same limits).
+_HEADER_BYTES = 256 * 1024
+
+
+def image_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """The stored (width, height) of an encoded image, read from its header by the decoder that would decode
+    it (the native core's probe; Pillow for the formats it leaves to Pillow), without decoding a pixel.
+
+    None when the header cannot be read cheaply (not an image, a damaged header, a JPEG whose frame header
+    lies past the first 256 KiB, a JPEG without the native core): the decoder then decides, under the same
+    limits. Width and height are as stored, before EXIF orientation (which swaps them, never their product).
+    """
+    fmt = _formats.sniff_format(data)
+    if fmt is None:
+        return None
+    native = _backend._native
+    if native is not None:
+        status, _, width, height = native.probe(memoryview(data)[:_HEADER_BYTES])
+        if status == 0:
+            return width, height
+        if status != CODEC_UNAVAILABLE:
+            return None
+    if fmt == _formats.JPEG:
+        return None  # Pillow's JPEG header reader steps through markers byte by byte, in Python
+    try:
+        from PIL import Image
+
+        with warnings.catch_warnings():  # "corrupt EXIF" and the like: the decoder's business, not the log's
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=[fmt]) as image:  # reads the header only
+                return image.size
+    except Exception:  # any header Pillow cannot read: the decoder reports it properly
+        return None

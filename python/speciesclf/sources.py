@@ -8,28 +8,79 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http.client
+import dataclasses
 import os
 import re
-import urllib.request
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from ._formats import sniff_format
-from .errors import ImageReadError, ImageTooLargeError, InvalidImageError
+from .errors import (
+    EmptyInputError,
+    ImageReadError,
+    ImageTooLargeError,
+    InvalidBase64Error,
+    InvalidImageError,
+    UrlNotAllowedError,
+)
+from .fetch import UrlPolicy, fetch_bytes
 from .inputs import read_file
 
-__all__ = ["to_image_source"]
+__all__ = ["decode_base64", "to_image_source"]
 
-_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
-_BASE64 = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
+_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[^;,]*)*(?P<b64>;base64)?,", re.I)
+_B64_STANDARD = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
+_B64_URLSAFE = re.compile(rb"[A-Za-z0-9_-]*={0,2}")
+_SPACE = re.compile(r"\s+")
+# What a string must look like to be taken for base64 rather than a file name (see _from_string).
+_LOOKS_BASE64 = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
 
 
-def to_image_source(item: Any, *, max_bytes: int, allow_urls: bool = False, url_timeout: float = 10.0) -> Any:
-    """One input as bytes / a pixel array / a PIL image (left to preprocess_batch). Raises ImageError."""
+def decode_base64(text: str, *, max_bytes: int | None = None) -> bytes:
+    """A base64 string or a ``data:`` URI (``data:image/jpeg;base64,...``) to bytes: the one base64 parser
+    of speciesclf (the Classifier's string inputs and the HTTP service's JSON images alike).
+
+    Strict: one alphabet (standard ``+/`` or URL-safe ``-_``, never both), at most two ``=`` at the end
+    (missing padding is restored), white space (line breaks of MIME base64) ignored, anything else refused
+    with :class:`~speciesclf.InvalidBase64Error`. Nothing decodes to :class:`~speciesclf.EmptyInputError`;
+    more than ``max_bytes`` decoded bytes to :class:`~speciesclf.ImageTooLargeError`, checked before decoding.
+    """
+    if not isinstance(text, str):
+        raise InvalidImageError(f"base64 input must be a str, got {type(text).__name__}")
+    if text[:5].lower() == "data:":
+        match = _DATA_URI.match(text)
+        if not match:
+            raise InvalidBase64Error("malformed data: URI")
+        if not match.group("b64"):
+            raise InvalidBase64Error("data: URIs must be base64-encoded (;base64,)")
+        text = text[match.end():]
+    try:
+        compact = _SPACE.sub("", text).encode("ascii")
+    except UnicodeEncodeError:
+        raise InvalidBase64Error("invalid base64 (characters outside the base64 alphabet)") from None
+    if not compact:
+        raise EmptyInputError("the image is empty")
+    if max_bytes is not None and len(compact.rstrip(b"=")) * 3 // 4 > max_bytes:
+        raise ImageTooLargeError(f"base64 payload decodes to more than max_bytes={max_bytes} bytes")
+    padded = compact + b"=" * (-len(compact) % 4)
+    try:
+        if _B64_STANDARD.fullmatch(compact):
+            return base64.b64decode(padded, validate=True)
+        if _B64_URLSAFE.fullmatch(compact):
+            return base64.urlsafe_b64decode(padded)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidBase64Error(f"invalid base64 ({e})") from None
+    raise InvalidBase64Error("invalid base64 (characters outside the base64 alphabet, or both alphabets mixed)")
+
+
+def to_image_source(item: Any, *, max_bytes: int, allow_urls: bool | UrlPolicy | Iterable[str] = False) -> Any:
+    """One input as bytes / a pixel array / a PIL image (left to preprocess_batch). Raises ImageError.
+
+    ``allow_urls`` says which http(s) URLs may be fetched (see :meth:`speciesclf.fetch.UrlPolicy.of`)."""
     if isinstance(item, str):
-        return _from_string(item, max_bytes=max_bytes, allow_urls=allow_urls, url_timeout=url_timeout)
+        return _from_string(item, max_bytes=max_bytes, allow_urls=allow_urls)
     if hasattr(item, "read") and callable(item.read):
         # A failing read is this item's error, not the batch's: a closed file raises ValueError, a read()
         # without a size argument TypeError.
@@ -49,65 +100,33 @@ def to_image_source(item: Any, *, max_bytes: int, allow_urls: bool = False, url_
     return item  # bytes, PathLike, arrays, PIL images: preprocess_batch checks them
 
 
-def _from_string(text: str, *, max_bytes: int, allow_urls: bool, url_timeout: float) -> Any:
+def _from_string(text: str, *, max_bytes: int, allow_urls: bool | UrlPolicy | Iterable[str]) -> Any:
     lowered = text[:16].lower()
     if lowered.startswith(("http://", "https://")):
-        if not allow_urls:
-            raise InvalidImageError("URL inputs are off: pass allow_urls=True to fetch them")
-        return _fetch(text, max_bytes=max_bytes, timeout=url_timeout)
+        policy = UrlPolicy.of(allow_urls)
+        if policy is None:
+            raise UrlNotAllowedError("URL inputs are off: pass allow_urls=True (public hosts) or a UrlPolicy "
+                                     "to fetch them")
+        if policy.max_bytes > max_bytes:
+            policy = dataclasses.replace(policy, max_bytes=max_bytes)
+        return fetch_bytes(text, policy, accept="image/*")
     if lowered.startswith("data:"):
-        match = _DATA_URI.match(text)
-        if not match:
-            raise InvalidImageError("malformed data URI")
-        payload = text[match.end():]
-        if not match.group("b64"):
-            raise InvalidImageError("data URIs must be base64-encoded")
-        return _b64decode(payload, max_bytes)
+        return decode_base64(text, max_bytes=max_bytes)
     if os.path.exists(text):
         return read_file(text, max_bytes)
     # Long, no dot, all in the base64 alphabet: an encoded image, not a missing file name.
-    if len(text) >= 64 and _BASE64.match(text):
+    if len(text) >= 64 and _LOOKS_BASE64.match(text):
         if "/" not in text and os.sep not in text:
-            return _b64decode(text, max_bytes)
+            return decode_base64(text, max_bytes=max_bytes)
         # "/" is a base64 digit too (a JPEG's base64 starts "/9j/"): with separators in it, the text is an
         # image only when it decodes to one; otherwise it is a missing path, reported as such.
         try:
-            data = _b64decode(text, max_bytes)
-        except InvalidImageError:
+            data = decode_base64(text, max_bytes=max_bytes)
+        except (InvalidImageError, EmptyInputError):
             data = b""
         if sniff_format(data):
             return data
     raise ImageReadError(f"no such file: {text[:200]!r}")
-
-
-def _b64decode(payload: str, max_bytes: int) -> bytes:
-    if len(payload) * 3 // 4 > max_bytes + 3:
-        raise ImageTooLargeError(f"base64 payload decodes to more than max_bytes={max_bytes} bytes")
-    compact = re.sub(r"\s+", "", payload)
-    try:
-        if "-" in compact or "_" in compact:
-            return base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4))
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise InvalidImageError(f"invalid base64: {e}") from None
-
-
-def _fetch(url: str, *, max_bytes: int, timeout: float) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "speciesclf"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (caller opted in)
-            length = response.headers.get("Content-Length")
-            if length and int(length) > max_bytes:
-                raise ImageTooLargeError(f"{url}: {length} bytes exceeds max_bytes={max_bytes}")
-            data = response.read(max_bytes + 1)
-    except ImageTooLargeError:
-        raise
-    # HTTPException (InvalidURL, BadStatusLine, IncompleteRead...) is not an OSError.
-    except (OSError, ValueError, http.client.HTTPException) as e:
-        raise ImageReadError(f"cannot fetch {url}: {e}") from None
-    if len(data) > max_bytes:
-        raise ImageTooLargeError(f"{url}: more than max_bytes={max_bytes} bytes")
-    return data
 
 
 def _from_tensor(tensor: Any) -> np.ndarray:

@@ -7,26 +7,28 @@ order:
    second-guessed: a missing or wrong file there is an error, not a reason to download.
 2. The cache, ``cache_dir() / "weights" / spec.filename``. A cached file whose hash does not match is
    removed and fetched again.
-3. A download (unless ``download=False``) from each of ``spec.urls`` in turn, with urllib: http(s) only, at
-   most 5 redirects (never from https down to http), a connect/read timeout, and a body cap of twice the
-   pinned size. The body streams into a temporary file beside the final one, is hash-checked, then
-   ``os.replace``-d into place, so a reader never sees a partial file and concurrent downloaders are safe.
+3. A download (unless ``download=False``) from each of ``spec.urls`` in turn, through speciesclf's one URL
+   fetcher (:mod:`speciesclf.fetch`) under a :class:`~speciesclf.fetch.UrlPolicy`: http(s) only, public
+   addresses only unless ``url_policy`` allows a network, at most 5 redirects (each checked again, never
+   from https down to http), a connect/read timeout, and a body cap of twice the pinned size. The body
+   streams into a temporary file beside the final one, is hash-checked, then ``os.replace``-d into place,
+   so a reader never sees a partial file and concurrent downloaders are safe. The fetcher connects
+   directly: behind a proxy, download the file yourself and point ``$SPECIESCLF_WEIGHTS`` at it.
 
 Everything that fails raises :class:`WeightsError`, whose message says how to point at a local copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._version import __version__
+from ..errors import ImageError
+from ..fetch import UrlPolicy, fetch_into
 
 __all__ = ["MOBILENETV2_INT8", "WeightsError", "WeightsSpec", "cache_dir", "weights_path"]
 
@@ -34,7 +36,6 @@ ENV_WEIGHTS = "SPECIESCLF_WEIGHTS"
 ENV_HOME = "SPECIESCLF_HOME"
 MAX_REDIRECTS = 5
 _CHUNK = 1 << 16
-_ALLOWED_SCHEMES = ("http", "https")
 
 
 class WeightsError(RuntimeError):
@@ -91,14 +92,19 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "speciesclf"
 
 
-def weights_path(spec: WeightsSpec = MOBILENETV2_INT8, *, download: bool = True, timeout: float = 60.0) -> Path:
+def weights_path(spec: WeightsSpec = MOBILENETV2_INT8, *, download: bool = True, timeout: float = 60.0,
+                 url_policy: UrlPolicy | None = None) -> Path:
     """A local file holding ``spec``'s weights, verified by SHA-256 (see the module docstring for the order).
 
     ``timeout`` (seconds) bounds connecting and each read of a download, not the whole transfer.
+    ``url_policy`` says which hosts and networks a download may reach (default: public addresses only);
+    the timeouts, the size cap and the redirect limit are the download's own, whatever the policy says.
     Raises :class:`WeightsError` when no verified file can be had.
     """
     if not timeout > 0:
         raise ValueError(f"timeout must be positive, not {timeout!r}")
+    policy = dataclasses.replace(url_policy or UrlPolicy(), connect_timeout_s=timeout, read_timeout_s=timeout,
+                                 timeout_s=None, max_redirects=MAX_REDIRECTS, max_bytes=spec.size * 2)
 
     explicit = os.environ.get(ENV_WEIGHTS, "").strip()
     if explicit:
@@ -118,7 +124,7 @@ def weights_path(spec: WeightsSpec = MOBILENETV2_INT8, *, download: bool = True,
         raise WeightsError(f"cannot create the cache folder {target.parent}: {exc}. {_hint(spec, target)}") from exc
     for url in spec.urls:
         try:
-            _download(spec, url, target, timeout)
+            _download(spec, url, target, policy)
         except _FetchError as exc:
             failures.append(f"  {url}: {exc}")
             continue
@@ -183,57 +189,23 @@ class _FetchError(Exception):
     """One URL failed; the next is tried."""
 
 
-class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follows at most MAX_REDIRECTS redirects, to http(s) only, never from https down to http."""
-
-    max_redirections = MAX_REDIRECTS
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        old_scheme = urllib.parse.urlsplit(req.full_url).scheme.lower()
-        new_scheme = urllib.parse.urlsplit(newurl).scheme.lower()
-        count = getattr(req, "_speciesclf_redirects", 0) + 1
-        refusal = None
-        if new_scheme not in _ALLOWED_SCHEMES:
-            refusal = f"redirect to a non-http(s) URL refused: {newurl}"
-        elif old_scheme == "https" and new_scheme == "http":
-            refusal = f"redirect from https down to http refused: {newurl}"
-        elif count > MAX_REDIRECTS:
-            refusal = f"more than {MAX_REDIRECTS} redirects"
-        if refusal is not None:
-            fp.close()
-            raise _FetchError(refusal)
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None:
-            new._speciesclf_redirects = count
-        return new
-
-
-def _download(spec: WeightsSpec, url: str, target: Path, timeout: float) -> None:
+def _download(spec: WeightsSpec, url: str, target: Path, policy: UrlPolicy) -> None:
     """Fetch url into target (atomically), or raise _FetchError saying why not."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in _ALLOWED_SCHEMES:
-        raise _FetchError(f"unsupported URL scheme {scheme!r} (http and https only)")
-    cap = spec.size * 2
-    opener = urllib.request.build_opener(_RedirectHandler)
-    request = urllib.request.Request(url, headers={"User-Agent": f"speciesclf/{__version__}"})
-    tmp_name = None
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{spec.filename}.", suffix=".part")
     try:
-        with opener.open(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.strip().isdigit() and int(length) > cap:
-                raise _FetchError(f"body of {int(length)} bytes exceeds the {cap}-byte cap")
-            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{spec.filename}.", suffix=".part")
-            digest = hashlib.sha256()
-            received = 0
-            with os.fdopen(fd, "wb") as out:
-                while chunk := response.read(_CHUNK):
-                    received += len(chunk)
-                    if received > cap:
-                        raise _FetchError(f"body exceeds the {cap}-byte cap")
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+
+            def keep(piece: bytes) -> None:
+                digest.update(piece)
+                out.write(piece)
+
+            try:
+                received = fetch_into(url, keep, policy)
+            except ImageError as exc:  # refused, failed, or over the cap: the fetcher's message says which
+                raise _FetchError(str(exc)) from exc
+            out.flush()
+            os.fsync(out.fileno())
         actual = digest.hexdigest()
         if actual != spec.sha256:
             raise _FetchError(
@@ -242,14 +214,7 @@ def _download(spec: WeightsSpec, url: str, target: Path, timeout: float) -> None
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, target)
         tmp_name = None
-    except _FetchError:
-        raise
-    except urllib.error.HTTPError as exc:
-        exc.close()  # it holds the error response open
-        raise _FetchError(f"HTTP {exc.code} {exc.reason}") from exc
-    except urllib.error.URLError as exc:
-        raise _FetchError(f"{exc.reason}") from exc
-    except Exception as exc:  # timeouts and resets (OSError), http.client.HTTPException, bad URLs (ValueError)
+    except OSError as exc:  # writing the temporary file (a full disk)
         raise _FetchError(f"{type(exc).__name__}: {exc}") from exc
     finally:
         if tmp_name is not None:

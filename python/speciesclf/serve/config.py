@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
+from ..fetch import host_pattern
 from ..spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["ServeConfig"]
@@ -124,25 +125,8 @@ class ServeConfig:
 
 
 def _host_pattern(given: str) -> str:
-    """An allowlist entry in the form URL hosts are matched in (see serve/_fetch.py): lower case, no trailing
-    dot, IP literals canonical and without brackets, names in their IDNA (xn--) form. An entry that could
-    never match a URL's host (a port, a path) is refused rather than silently never allowing anything."""
-    host = given.strip().lower()
-    if host == "*":
-        return host
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    """An allowlist entry in the form URL hosts are matched in (see :func:`speciesclf.fetch.host_pattern`)."""
     try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    wildcard = host.startswith("*.")
-    bare = (host[2:] if wildcard else host).rstrip(".")
-    refused = ValueError(f"ServeConfig.url_allow_hosts: {given!r} is not a host name, IP, '*.domain' or '*'")
-    if not bare or any(c in bare for c in "*/@?#:[] \\"):
-        raise refused
-    try:
-        bare = bare.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise refused from None
-    return f"*.{bare}" if wildcard else bare
+        return host_pattern(given)
+    except ValueError as e:
+        raise ValueError(f"ServeConfig.url_allow_hosts: {e}") from None
