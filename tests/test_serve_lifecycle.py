@@ -87,3 +87,16 @@ def test_a_reload_that_fails_later_keeps_the_old_model_serving(species100, tmp_p
         assert ready.status_code == 200 and ready.json()["model"] == "species100@1.0.0"
         r = c.post("/v1/predict", content=jpeg())
         assert r.status_code == 200 and r.json()["model"] == "species100@1.0.0"
+
+
+@pytest.mark.shared
+def test_a_port_in_use_ends_serve_with_a_one_line_reason(tmp_path: Path, shared_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = serve([sys.executable, "-m", "speciesclf", "serve", "--model", "species100", "--port", str(port)],
+                     tmp_path, SPECIESCLF_WEIGHTS=str(shared_dir / "models"))
+    assert done.returncode == 1, done.stderr[-2000:]
+    reason = last_line(done.stderr)
+    assert reason.startswith("speciesclf: error: serve did not start:") and str(port) in reason, done.stderr[-2000:]

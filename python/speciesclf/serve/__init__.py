@@ -66,7 +66,12 @@ def run(classifier_or_ref, config: ServeConfig | None = None, *, log_level: str 
             server.should_exit = True  # uvicorn then shuts down as on Ctrl-C
 
         server = uvicorn.Server(uvicorn.Config(create_app(classifier_or_ref, config, on_load_failure=stop), **common))
-        server.run()
+        try:
+            server.run()
+        except SystemExit:  # uvicorn's own start-up failure (the port is taken, ...): it logged why
+            if not failures:
+                raise ServeStartupError(f"the HTTP server did not start on {config.host}:{config.port} (uvicorn's "
+                                        "error line above says why)") from None
         if failures:
             raise ServeStartupError(failures[0])
         if not server.started:
