@@ -208,10 +208,89 @@ def test_hooks_are_called(model_file: Path, sample_photos):
     assert calls == [("before", 2), ("after", 2), ("before", 2), ("after", 2), ("before", 1), ("after", 1)]
 
 
-def test_html_repr(imagenet: Classifier, sample_photos):
-    page = imagenet.predict(sample_photos[0])._repr_html_()
-    assert "<img src='data:image/jpeg;base64," in page and "<table>" in page
-    assert "EmptyInputError" in imagenet.predict(b"")._repr_html_()
+def test_html_repr(model_file: Path, sample_photos):
+    with Classifier.load(model_file, labels="imagenet1k", thumbnails=True) as clf:
+        page = clf.predict(sample_photos[0])._repr_html_()
+        assert "<img src='data:image/jpeg;base64," in page and "<table>" in page
+        assert "EmptyInputError" in clf.predict(b"")._repr_html_()
+
+
+def _thumbnail_pixels(prediction: Prediction) -> np.ndarray:
+    page = prediction._repr_html_()
+    assert "<img src='data:image/jpeg;base64," in page, page[:200]
+    encoded = page.split("base64,", 1)[1].split("'", 1)[0]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB"), dtype=np.float32)
+
+
+def test_predictions_keep_no_input_alive(model_file: Path, photo_bytes):
+    """Issue 12 item 4: predict_batch over in-memory JPEGs kept every one of them (Prediction._source)."""
+    import pickle
+
+    photos = photo_bytes[:48]
+    kept = sum(map(len, photos))
+    with Classifier.load(model_file, labels="imagenet1k", batch_size=16) as clf:
+        plain = clf.predict_batch(photos)
+        clf.thumbnails = True
+        shown = clf.predict_batch(photos)
+    # Everything a prediction references is in its pickle: neither holds the input bytes.
+    plain_size, shown_size = len(pickle.dumps(list(plain))), len(pickle.dumps(list(shown)))
+    print(f"\n[display] inputs {kept / 1e6:.1f} MB; predictions {plain_size / 1e3:.0f} kB, "
+          f"with thumbnails {shown_size / 1e3:.0f} kB")
+    assert plain_size < 2_000 * len(photos) and shown_size < 12_000 * len(photos) < kept / 4
+    assert all("<img" not in p._repr_html_() for p in plain)
+
+
+def test_every_input_kind_gets_a_thumbnail(model_file: Path, sample_photos):
+    path = sample_photos[3]
+    data = path.read_bytes()
+    pil = Image.open(path).convert("RGB")
+    array = np.asarray(pil)
+    kinds = {"path": path, "str": str(path), "bytes": data, "file object": io.BytesIO(data), "PIL": pil,
+             "numpy": array, "torch": torch.from_numpy(array.copy()).permute(2, 0, 1)}
+    with Classifier.load(model_file, labels="imagenet1k", thumbnails=True) as clf:
+        predictions = clf.predict_batch(list(kinds.values()))
+    assert all(p.ok for p in predictions)
+    # What the model saw (shorter side 256, centre crop 224), scaled to the thumbnail's size.
+    scale = 256 / min(pil.size)
+    resized = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BILINEAR)
+    left, top = (resized.width - 224) // 2, (resized.height - 224) // 2
+    crop = np.asarray(resized.crop((left, top, left + 224, top + 224)).resize((112, 112)), dtype=np.float32)
+    for kind, prediction in zip(kinds, predictions):
+        pixels = _thumbnail_pixels(prediction)
+        assert pixels.shape == (112, 112, 3), kind
+        assert np.abs(pixels - crop).mean() < 12, kind
+
+
+def test_thumbnails_are_made_in_notebooks_only(model_file: Path, sample_photos, monkeypatch):
+    import sys
+    import types
+
+    photo = sample_photos[0].read_bytes()
+    with Classifier.load(model_file, labels="imagenet1k") as clf:
+        assert clf.thumbnails is None
+        assert "<img" not in clf.predict(photo)._repr_html_()  # a script: no thumbnail made
+        terminal = types.SimpleNamespace(get_ipython=lambda: types.SimpleNamespace())  # IPython in a terminal
+        monkeypatch.setitem(sys.modules, "IPython", terminal)
+        assert "<img" not in clf.predict(photo)._repr_html_()
+        kernel = types.SimpleNamespace(get_ipython=lambda: types.SimpleNamespace(kernel=object()))
+        monkeypatch.setitem(sys.modules, "IPython", kernel)
+        assert "<img" in clf.predict(photo)._repr_html_()
+        clf.thumbnails = False
+        assert "<img" not in clf.predict(photo)._repr_html_()
+    with pytest.raises(ValueError, match="thumbnails"):
+        Classifier.load(model_file, labels="imagenet1k", thumbnails="yes")
+
+
+def test_a_list_of_predictions_renders_as_a_grid(model_file: Path, sample_photos):
+    from speciesclf.classifier import Predictions
+
+    with Classifier.load(model_file, labels="imagenet1k", thumbnails=True) as clf:
+        predictions = clf.predict_batch(sample_photos[:5] + [b""])
+    assert isinstance(predictions, Predictions) and isinstance(predictions, list) and len(predictions) == 6
+    assert predictions == list(predictions) and predictions[1:2] == [predictions[1]]
+    grid = predictions._repr_html_()
+    assert "flex-wrap" in grid and grid.count("<img src='data:image/jpeg;base64,") == 5
+    assert all(p.guess in grid for p in predictions[:5]) and "EmptyInputError" in grid
 
 
 def test_raw_model_needs_labels(model_file: Path):
@@ -249,3 +328,16 @@ def test_bundles_registry_and_zip(model_file: Path, sample_photos, tmp_path):
     clf = Classifier.load("fish", registry=registry)
     assert clf.model == "fish@1.1.0"
     assert clf.reload(v1) == "fish@1.0.0" and clf.predict(tench).model == "fish@1.0.0"
+
+
+def test_predict_iter_progress_bar(imagenet: Classifier, sample_photos, capsys):
+    photos = sample_photos[:6]
+    assert len(list(imagenet.predict_iter(photos, batch_size=4, progress=True))) == 6
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "6/6" in bar and "img/s" in bar and "100%" in bar and imagenet.model in bar  # a total: an ETA
+    assert len(list(imagenet.predict_iter(iter(photos), batch_size=4, progress=True))) == 6
+    counted = capsys.readouterr().err.replace("\r", "\n")
+    assert "6img" in counted and "img/s" in counted and "/6" not in counted  # no total: count and rate
+    assert len(list(imagenet.predict_iter(photos))) == 6 and capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="progress"):
+        imagenet.predict_iter(photos, progress="yes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import threading
+import time
 
 import numpy as np
 import psutil
@@ -141,3 +142,75 @@ def test_rss_flat_over_many_calls():
     growth = (end - warm) / 2**20
     print(f"\n[rss] after 2,000 warm-up calls {warm / 2**20:.1f} MiB, after 20,000 {end / 2**20:.1f} MiB, growth {growth:+.2f} MiB")
     assert growth < 20, f"RSS grew by {growth:.1f} MiB over 18,000 calls"
+
+
+def _mean_colour_model(path) -> str:
+    """(N, 3, H, W) -> (N, 3): channel means, a model fast enough that close() lands amid many calls."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["output"], axes=[2, 3], keepdims=0)], "means",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_close_while_threads_predict_says_closed(tmp_path):
+    """Issue 12 item 9: close() amid predicts leaked 'cannot schedule new futures after shutdown'."""
+    from speciesclf import Classifier
+
+    model = _mean_colour_model(tmp_path / "means.onnx")
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[..., 0] = 200
+    unexpected: list[BaseException] = []
+    answered = closed = 0
+    before = set(threading.enumerate())  # other modules' classifiers may still run theirs
+    lock = threading.Lock()
+    for round_ in range(12):
+        clf = Classifier.load(model, labels=["r", "g", "b"], preprocess=PreprocessSpec(size=16, resize=None),
+                              batch_size=2, threads=1)
+        started = threading.Barrier(7)
+
+        def caller(kind: int) -> None:
+            nonlocal answered, closed
+            started.wait()
+            while True:
+                try:
+                    if kind == 0:
+                        results = [clf.predict(image)]
+                    elif kind == 1:
+                        results = clf.predict_batch([image] * 5)
+                    else:
+                        results = list(clf.predict_iter(iter([image] * 5), batch_size=2))
+                except RuntimeError as e:
+                    with lock:
+                        if str(e) == "Classifier is closed":
+                            closed += 1
+                        else:
+                            unexpected.append(e)
+                    return
+                except BaseException as e:  # noqa: BLE001 - collected and reported below
+                    with lock:
+                        unexpected.append(e)
+                    return
+                assert all(p.ok and p.label == "r" for p in results)
+                with lock:
+                    answered += 1
+
+        threads = [threading.Thread(target=caller, args=(i % 3,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        started.wait()
+        time.sleep(0.002 * (round_ % 4))
+        clf.close()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a caller hung after close()"
+    assert not unexpected, [f"{type(e).__name__}: {e}" for e in unexpected[:5]]
+    assert closed == 12 * 6 and answered > 0
+    assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith("speciesclf-")]

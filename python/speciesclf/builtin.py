@@ -3,7 +3,10 @@ species as ``species100``. Their bundles are assembled on first use from the pin
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
+import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -22,6 +25,12 @@ MOBILENET_SPEC = PreprocessSpec(size=224, resize=256)
 # labelled data here, so in-sample; docs/classifier.md has the sweep): every threshold from 0.2 to 0.6 keeps
 # top-1 >= 0.85 on the species' photos and >= 90% of non-animal photos unknown; 0.5 is the one with a meaning.
 SPECIES100_UNKNOWN_MASS = 0.5
+
+# The built-in models' embedding: MobileNetV2's pooled 1280-d features, the input of its final QLinearMatMul,
+# dequantized. Added to the graph as the output "embedding" once, when a built-in bundle is assembled.
+EMBEDDING_OUTPUT = "embedding"
+MOBILENET_EMBEDDING = dict(tensor="472_quantized", scale="464_scale", zero_point="464_zero_point",
+                           shape=("batch_size", 1280))
 
 
 def _data_file(name: str) -> Path:
@@ -48,7 +57,7 @@ def _home() -> Path:
 
 def builtin_bundle(ref: str):
     """The bundle of a built-in model (``species100``, ``species100@1.0.0``, ``imagenet1k``...)."""
-    from .bundle import Bundle, UnknownRule, create_bundle
+    from .bundle import Bundle
     from .models.weights import weights_path
     from .registry import DEFAULT_ALIAS, RegistryError, split_ref
 
@@ -64,13 +73,28 @@ def builtin_bundle(ref: str):
     target = _home() / "builtin" / f"{name}-{VERSION}"
     if target.is_dir():
         try:
-            return Bundle.open(target)
+            bundle = Bundle.open(target)
         except ValueError:  # damaged (a hash that no longer matches, a missing file): set aside, rebuild
-            target.rename(target.with_name(f"{target.name}.damaged-{uuid.uuid4().hex[:8]}"))
+            _set_aside(target, "damaged")
+        else:
+            if bundle.manifest.embedding_output is not None or not _onnx_available():
+                return bundle
+            _set_aside(target, "without-embedding")  # assembled before embeddings, or without onnx then
     weights = weights_path()
-    common = dict(model_file=weights, name=name, version=VERSION, framework="onnx", preprocess=MOBILENET_SPEC,
-                  output_kind="logits", num_outputs=1000, copy_model=False,
-                  lineage={"parent_version": None, "training_data": "ImageNet-1k (ILSVRC 2012)"})
+    with tempfile.TemporaryDirectory(prefix="speciesclf-builtin-") as work:
+        model, embedding = _model_with_embedding(weights, Path(work))
+        # copy_model=False hard-links: the bundle keeps the file after `work` is gone.
+        common = dict(model_file=model, name=name, version=VERSION, framework="onnx", preprocess=MOBILENET_SPEC,
+                      output_kind="logits", num_outputs=1000, copy_model=False,
+                      embedding_output=embedding,
+                      lineage={"parent_version": None, "training_data": "ImageNet-1k (ILSVRC 2012)"})
+        _create(target, common, name)
+    return Bundle.open(target)
+
+
+def _create(target: Path, common: dict, name: str) -> None:
+    from .bundle import UnknownRule, create_bundle
+
     if name == "imagenet1k":
         kwargs = dict(labels=imagenet_labels(), notes="MobileNetV2 1.0 224, int8 QDQ, ONNX Model Zoo")
     else:
@@ -84,4 +108,40 @@ def builtin_bundle(ref: str):
         create_bundle(target, **common, **kwargs)
     except FileExistsError:
         pass  # another process built it first
-    return Bundle.open(target)
+
+
+def _set_aside(target: Path, why: str) -> None:
+    try:
+        target.rename(target.with_name(f"{target.name}.{why}-{uuid.uuid4().hex[:8]}"))
+    except FileNotFoundError:
+        pass  # another process set it aside first
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _model_with_embedding(weights: Path, work: Path) -> tuple[Path, str | None]:
+    """The weights with the embedding output added (written under ``work``), or the weights as they are
+    when the onnx package is missing (the built-ins then have no embedding)."""
+    if not _onnx_available():
+        return weights, None
+    stat = weights.stat()
+    path = work / weights.name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(_edited_weights(str(weights), stat.st_size, stat.st_mtime_ns))
+    return path, EMBEDDING_OUTPUT
+
+
+@functools.lru_cache(maxsize=2)
+def _edited_weights(path: str, size: int, mtime_ns: int) -> bytes:
+    # The edit (shape inference and the ONNX checker: about a second) is done once per process for both
+    # built-ins; the bundles it goes into are the cache across processes. Size and mtime key the file.
+    from .runtimes.onnx_graph import add_output
+
+    return add_output(Path(path).read_bytes(), name=EMBEDDING_OUTPUT, **MOBILENET_EMBEDDING)

@@ -304,6 +304,8 @@ class Manifest:
     label_subset: tuple[int, ...] | None = None
     unknown: UnknownRule | None = None
     temperature: float = 1.0
+    # The model output holding its penultimate pooled features (Prediction.embedding), if it has one.
+    embedding_output: str | None = None
     # Dicts are left out of the hash so that a Manifest stays hashable; they still take part in ==.
     metrics: dict[str, float] = dataclasses.field(default_factory=dict, hash=False)
     lineage: dict[str, str | None] = dataclasses.field(default_factory=dict, hash=False)
@@ -374,6 +376,11 @@ class Manifest:
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise _fail("temperature", "a finite number > 0", self.temperature)
         put("temperature", float(self.temperature))
+        if self.embedding_output is not None and not (
+                isinstance(self.embedding_output, str) and 0 < len(self.embedding_output) <= 256
+                and self.embedding_output.isprintable()):
+            raise _fail("embedding_output", "the name of one of the model's outputs (a string) or null",
+                        self.embedding_output)
         if not isinstance(self.metrics, dict):
             raise _fail("metrics", "an object of metric name -> number", self.metrics)
         metrics = {}
@@ -428,6 +435,8 @@ class Manifest:
             "label_subset": None if self.label_subset is None else list(self.label_subset),
             "unknown": None if self.unknown is None else self.unknown.to_dict(),
             "temperature": self.temperature,
+            # Written only when set: manifests of models without one read as before.
+            **({} if self.embedding_output is None else {"embedding_output": self.embedding_output}),
             "metrics": dict(self.metrics),
             "lineage": dict(self.lineage),
             "notes": self.notes,
@@ -810,6 +819,7 @@ def create_bundle(
     label_subset: Sequence[int] | None = None,
     unknown: UnknownRule | None = None,
     temperature: float = 1.0,
+    embedding_output: str | None = None,
     metrics: dict[str, float] | None = None,
     lineage: dict[str, str | None] | None = None,
     notes: str = "",
@@ -861,6 +871,7 @@ def create_bundle(
                 "label_subset": None if label_subset is None else list(label_subset),
                 "unknown": unknown.to_dict() if isinstance(unknown, UnknownRule) else unknown,
                 "temperature": temperature,
+                **({} if embedding_output is None else {"embedding_output": embedding_output}),
                 "metrics": {} if metrics is None else metrics,
                 "lineage": {} if lineage is None else lineage,
                 "notes": notes,

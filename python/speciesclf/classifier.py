@@ -27,7 +27,7 @@ from .runtimes import framework_for_file, load_runtime
 from .sources import to_image_source
 from .spec import PreprocessSpec
 
-__all__ = ["Classifier", "Prediction", "check_model_io"]
+__all__ = ["Classifier", "Prediction", "Predictions", "check_model_io"]
 
 _MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".pt2")
 
@@ -57,7 +57,9 @@ class Prediction:
     open_set_score: float | None = None
     logits: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
     embedding: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
-    _source: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # A small JPEG of the model's input, made only for notebooks (see Classifier.thumbnails): never the
+    # input itself, which would keep every image of a large batch alive.
+    _thumbnail: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -104,31 +106,89 @@ class Prediction:
             f"height:10px;width:{max(1, round(score * 160))}px'></div></td><td>{score:.3f}</td></tr>"
             for label, score in self.top_k
         )
-        thumb = _thumbnail_html(self._source)
+        thumb = _thumbnail_html(self._thumbnail)
         return (f"<div style='display:flex;gap:12px;align-items:flex-start'>{thumb}<div><b>{title}</b>"
                 f"<table>{caption}{bars}</table><small>{html.escape(self.model)}</small></div></div>")
 
 
-def _thumbnail_html(source: Any) -> str:
-    if source is None:
+def _thumbnail_html(jpeg: bytes | None) -> str:
+    if not jpeg:
         return ""
+    return (f"<img src='data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}' "
+            f"title='the model input' style='width:{_THUMBNAIL_SIDE}px'/>")
+
+
+_THUMBNAIL_SIDE = 112  # at most; half the usual 224 (a 2x2 box average)
+_GRID_MAX = 500  # predictions a notebook grid shows; the rest are counted
+
+
+class Predictions(list):
+    """What :meth:`Classifier.predict_batch` returns: a plain list of :class:`Prediction` that a notebook
+    shows as a grid."""
+
+    def _repr_html_(self) -> str:
+        cells = "".join(f"<div style='border:1px solid #ddd;border-radius:4px;padding:6px;width:360px'>"
+                        f"{p._repr_html_()}</div>" for p in self[:_GRID_MAX])
+        more = f"<p><small>and {len(self) - _GRID_MAX} more</small></p>" if len(self) > _GRID_MAX else ""
+        return f"<div style='display:flex;flex-wrap:wrap;gap:8px'>{cells}</div>{more}"
+
+
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython with a kernel attached), where predictions are shown as HTML."""
+    ipython = sys.modules.get("IPython")  # never imported here: without it in use, this is no notebook
+    get_ipython = getattr(ipython, "get_ipython", None)
+    if get_ipython is None:
+        return False
     try:
-        from PIL import Image
+        shell = get_ipython()
+    except Exception:  # noqa: BLE001 - a broken IPython is no notebook to draw in
+        return False
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
-        if isinstance(source, Image.Image):
-            image = source.convert("RGB")
-        elif isinstance(source, np.ndarray):
-            image = Image.fromarray(source[..., :3] if source.ndim == 3 else source).convert("RGB")
-        else:
-            from .decoding import decode
 
-            image = Image.fromarray(decode(source, min_size=(128, 128)))
-        image.thumbnail((128, 128))
+def _thumbnails(array: Any, slots: Sequence[int], spec: PreprocessSpec) -> dict[int, bytes]:
+    """Small JPEGs of the given rows of a batch of model inputs (what the model saw: the resized crop).
+
+    Made from the batch the model ran on, so every input kind gets one (a path, bytes, a file object, PIL,
+    NumPy, torch, a URL) without decoding anything twice or keeping the input."""
+    from PIL import Image
+
+    if not len(slots):
+        return {}
+    if isinstance(array, np.ndarray):
+        slots = list(slots)
+        # Read in place (the sums below copy) when the rows are the first ones, as in a batch without failures.
+        rows = array[:len(slots)] if slots == list(range(len(slots))) else array[slots]
+        if spec.dtype == "bfloat16":  # stored as the upper 16 bits of float32
+            rows = (rows.astype(np.uint32) << 16).view(np.float32)
+    else:  # a torch tensor (GPU preprocessing): one copy to the host for the whole batch
+        import torch
+
+        index = torch.as_tensor(list(slots), device=array.device)
+        rows = array.index_select(0, index)
+        rows = (rows if rows.dtype == torch.uint8 else rows.float()).cpu().numpy()
+    # Scaled down first, by an integer factor (a box average: 224 -> 112), while still in the stored layout:
+    # the rest (denormalising, transposing) then touches a quarter of the values.
+    factor = max(1, spec.size // _THUMBNAIL_SIDE)
+    side = spec.size // factor
+    if spec.layout == "NHWC":
+        rows = rows.transpose(0, 3, 1, 2)  # a view: the sums below read it in place
+    end = side * factor
+    total = np.zeros((len(rows), 3, side, side), np.float32)
+    for dy in range(factor):  # factor x factor strided sums: far faster than a mean over reshaped axes
+        for dx in range(factor):
+            total += rows[:, :, dy:end:factor, dx:end:factor]
+    rows = (total / (factor * factor)).transpose(0, 2, 3, 1)
+    if spec.dtype != "uint8":
+        rows = rows * (np.asarray(spec.std, np.float32) * 255) + (np.asarray(spec.mean, np.float32) * 255)
+    rows = np.clip(rows + 0.5, 0, 255).astype(np.uint8)  # + 0.5: rounds when truncated
+    thumbnails = {}
+    for slot, pixels in zip(slots, rows):
+        image = Image.fromarray(pixels)
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=80)
-    except Exception:  # a thumbnail is decoration: never let it break the display
-        return ""
-    return f"<img src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}'/>"
+        thumbnails[slot] = buffer.getvalue()
+    return thumbnails
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +263,20 @@ class Classifier:
 
     def __init__(self, engine: _Engine, *, batch_size: int = 64, threads: int | None = None,
                  hooks: Any = None, allow_urls: bool | UrlPolicy | Iterable[str] = False,
-                 load_options: Mapping[str, Any] | None = None):
+                 load_options: Mapping[str, Any] | None = None, thumbnails: bool | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if thumbnails not in (None, True, False):
+            raise ValueError(f"thumbnails must be True, False or None (in notebooks only), got {thumbnails!r}")
         self._live_engine = engine
         self._staged = threading.local()  # reload()'s new engine, seen by its on_load hook before it goes live
         self._closed = False
+        # close() waits for the batches being answered (_active) and refuses new ones; both under _state.
+        self._state = threading.Condition()
+        self._active = 0
+        #: Keep a small thumbnail of each model input for notebook display: None (the default) does in a
+        #: Jupyter kernel only, so scripts and services never pay for it.
+        self.thumbnails = thumbnails
         self.batch_size = int(batch_size)
         self.threads = threads
         UrlPolicy.of(allow_urls)  # a wrong type fails here, not at the first URL
@@ -216,7 +284,7 @@ class Classifier:
         self._hooks = hooks
         self._load_options = dict(load_options or {})
         self._reload_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="speciesclf-preprocess")
+        self._pool = ThreadPoolExecutor(_PREPROCESS_WORKERS, thread_name_prefix="speciesclf-preprocess")
         # Batch buffers are reused: a fresh 38 MB array per batch costs page faults on every image. The
         # least recently used shapes are dropped (see _release_buffer), so the pool stays bounded.
         self._free_buffers: collections.OrderedDict[tuple, list[Any]] = collections.OrderedDict()
@@ -230,7 +298,7 @@ class Classifier:
              batch_size: int = 64, threads: int | None = None, hooks: Any = None, registry: Any = None,
              preprocess: PreprocessSpec | None = None, allow_urls: bool | UrlPolicy | Iterable[str] = False,
              runtime_options: Mapping[str, Any] | None = None, precision: str | None = None,
-             gpu_preprocessing: bool | None = None) -> Classifier:
+             gpu_preprocessing: bool | None = None, thumbnails: bool | None = None) -> Classifier:
         """Load a bundle (directory or .zip), a registry reference (``name@1.2.0``, ``name@production``,
         ``name``), a built-in model (``species100``, ``imagenet1k``) or a raw model file (.onnx, TorchScript
         .pt, torch.export .pt2) with ``labels=`` (a list, a labels file, or ``"imagenet1k"``).
@@ -244,6 +312,9 @@ class Classifier:
         the fused resize kernels of :mod:`speciesclf.gpu`; ``gpu_preprocessing=False`` keeps it on the CPU);
         preprocessing of the next batch overlaps inference of the current one. ``precision`` ("fp32",
         "fp16" or "bf16") sets the torch runtime's dtype and the GPU preprocessing output to match.
+
+        ``thumbnails`` keeps a small JPEG of each model input for notebook display (``None``: in a Jupyter
+        kernel only). The model is checked against ``preprocess`` (:func:`check_model_io`) before it loads.
         """
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
@@ -255,8 +326,12 @@ class Classifier:
         options = dict(device=device, backend=backend, labels=labels, threads=threads, registry=registry,
                        preprocess=preprocess, runtime_options=runtime_options, gpu_preprocessing=gpu_preprocessing)
         engine = _build_engine(source, **options)
-        return cls(engine, batch_size=batch_size, threads=threads, hooks=hooks, allow_urls=allow_urls,
-                   load_options=options)
+        try:
+            return cls(engine, batch_size=batch_size, threads=threads, hooks=hooks, allow_urls=allow_urls,
+                       load_options=options, thumbnails=thumbnails)
+        except BaseException:
+            _close_engine(engine)
+            raise
 
     def reload(self, source: Any) -> str:
         """Switch to another model version. Requests already running finish on the old one; no request
@@ -306,16 +381,16 @@ class Classifier:
 
     def close(self) -> None:
         """Stops its threads (preprocessing, and the runtime's side-by-side runs); predict* and reload() then
-        raise RuntimeError. Idempotent."""
-        self._closed = True
+        raise ``RuntimeError("Classifier is closed")``. Calls in progress in other threads finish the batch
+        they are running and raise that for the rest. Idempotent."""
+        with self._state:
+            self._closed = True
+            while self._active:  # the batches being answered: their runtime must stay open until done
+                self._state.wait()
         self._pool.shutdown(wait=True)
         with self._buffers_lock:
             self._free_buffers.clear()
-        if self._engine.gpu is not None:
-            self._engine.gpu.close()
-        close_runtime = getattr(self._engine.runtime, "close", None)
-        if callable(close_runtime):
-            close_runtime()
+        _close_engine(self._engine)
 
     def __enter__(self) -> Classifier:
         return self
@@ -329,28 +404,37 @@ class Classifier:
 
     # --- prediction ---------------------------------------------------------------------------------
 
-    def predict(self, x: Any, *, top_k: int = 5, on_error: Literal["return", "raise"] = "return") -> Prediction:
-        return self.predict_batch([x], top_k=top_k, on_error=on_error)[0]
+    def predict(self, x: Any, *, top_k: int = 5, on_error: Literal["return", "raise"] = "return",
+                return_logits: bool = False, return_embedding: bool = False) -> Prediction:
+        """One image's :class:`Prediction`. ``return_logits`` adds the model's raw outputs (``logits``),
+        ``return_embedding`` its penultimate pooled features (``embedding``) where the model declares them."""
+        return self.predict_batch([x], top_k=top_k, on_error=on_error, return_logits=return_logits,
+                                  return_embedding=return_embedding)[0]
 
-    def predict_batch(self, xs: Iterable[Any], *, top_k: int = 5,
-                      on_error: Literal["return", "raise"] = "return") -> list[Prediction]:
+    def predict_batch(self, xs: Iterable[Any], *, top_k: int = 5, on_error: Literal["return", "raise"] = "return",
+                      return_logits: bool = False, return_embedding: bool = False) -> Predictions:
+        """A :class:`Prediction` per image, in order, as a :class:`Predictions` list (a grid in notebooks)."""
         self._check_open()
         if isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)):
             # Iterating one of these would classify each character or byte.
             raise TypeError(f"predict_batch takes an iterable of images, got one {type(xs).__name__} "
                             f"(str, bytes, bytearray, memoryview and paths are single images: use predict())")
         _check_predict_args(top_k, on_error)
+        extras = self._check_extras(return_logits, return_embedding)
         top_k = int(top_k)
         items = list(xs)
         self._hook("before_predict", self, items)
-        predictions = list(self._predict_stream(items, top_k=top_k, on_error=on_error, batch_size=self.batch_size))
+        predictions = Predictions(self._predict_stream(items, top_k=top_k, on_error=on_error,
+                                                       batch_size=self.batch_size, extras=extras))
         self._hook("after_predict", self, predictions)
         return predictions
 
     def predict_iter(self, iterable: Iterable[Any], *, batch_size: int | None = None, top_k: int = 5,
-                     progress: bool = False, on_error: Literal["return", "raise"] = "return") -> Iterator[Prediction]:
+                     progress: bool = False, on_error: Literal["return", "raise"] = "return",
+                     return_logits: bool = False, return_embedding: bool = False) -> Iterator[Prediction]:
         """Predictions in input order, batch by batch; decoding of the next batch overlaps inference.
 
+        ``progress=True`` shows a tqdm bar on stderr (rate, and the ETA when ``iterable`` has a length).
         Arguments are checked when called, not when first iterated. If ``iterable`` raises, the predictions
         of every item it produced before are yielded first, then its exception is raised."""
         self._check_open()
@@ -361,38 +445,71 @@ class Classifier:
         elif batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         _check_predict_args(top_k, on_error)
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
+        extras = self._check_extras(return_logits, return_embedding)
         batch_size, top_k = int(batch_size), int(top_k)
         return self._predict_iter(iterable, batch_size=batch_size, top_k=top_k, progress=progress,
-                                  on_error=on_error)
+                                  on_error=on_error, extras=extras)
 
     def _predict_iter(self, iterable: Iterable[Any], *, batch_size: int, top_k: int, progress: bool,
-                      on_error: str) -> Iterator[Prediction]:
+                      on_error: str, extras: _Extras) -> Iterator[Prediction]:
+        total = None
+        if progress:
+            try:
+                total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:  # a generator: the bar counts and gives the rate, without an ETA
+                total = None
         stream = self._predict_stream(iterable, top_k=top_k, on_error=on_error, batch_size=batch_size,
-                                      hooks_per_batch=True)
+                                      hooks_per_batch=True, extras=extras)
         if not progress:
             yield from stream
             return
-        done, start = 0, time.perf_counter()
-        for prediction in stream:
-            done += 1
-            if done % 16 == 0:
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                print(f"\r{done} images, {rate:.0f} img/s", end="", file=sys.stderr, flush=True)
-            yield prediction
-        print(f"\r{done} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="img", desc=self.model, file=sys.stderr, dynamic_ncols=True) as bar:
+            for prediction in stream:
+                bar.update(1)
+                yield prediction
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("Classifier is closed")
 
+    def _check_extras(self, return_logits: Any, return_embedding: Any) -> _Extras:
+        for name, value in (("return_logits", return_logits), ("return_embedding", return_embedding)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        runtime = self._engine.runtime
+        # A plugin runtime offers an embedding by having run_with_embedding(); the built-in ones say so.
+        has_embedding = getattr(runtime, "has_embedding", callable(getattr(runtime, "run_with_embedding", None)))
+        if return_embedding and not has_embedding:
+            raise ValueError(f"{self.model} declares no embedding output: a bundle names one in "
+                             f"manifest.embedding_output (the built-in models have one, with the onnx package "
+                             f"installed: pip install 'speciesclf[onnx]')")
+        return _Extras(logits=return_logits, embedding=return_embedding)
+
+    def _begin_batch(self) -> None:
+        with self._state:
+            if self._closed:
+                raise RuntimeError("Classifier is closed")
+            self._active += 1
+
+    def _end_batch(self) -> None:
+        with self._state:
+            self._active -= 1
+            if not self._active:
+                self._state.notify_all()
+
     def _predict_stream(self, iterable: Iterable[Any], *, top_k: int, on_error: str, batch_size: int,
-                        hooks_per_batch: bool = False) -> Iterator[Prediction]:
+                        hooks_per_batch: bool = False, extras: _Extras | None = None) -> Iterator[Prediction]:
         self._check_open()  # again: a predict_iter generator may first run after close()
         engine = self._engine  # one version for the whole request
         # Every buffer has the rows of a full batch: a shorter tail reuses it instead of adding a shape.
         rows = max(batch_size, self.batch_size)
         chunks = _chunks(iterable, batch_size)
         failure: Exception | None = None  # what the iterable raised, re-raised once earlier items are answered
+        thumbnails = bool(self.thumbnails or (self.thumbnails is None and _in_notebook()))
 
         def submit_next():
             nonlocal failure
@@ -400,7 +517,12 @@ class Classifier:
                 chunk = next(chunks, None)
             except Exception as e:
                 failure, chunk = e, None
-            return None if chunk is None else self._pool.submit(self._prepare, engine, chunk, rows)
+            if chunk is None:
+                return None
+            with self._state:  # close() shuts the pool down under this lock: never submit to a closed one
+                if self._closed:
+                    raise RuntimeError("Classifier is closed")
+                return self._pool.submit(self._prepare, engine, chunk, rows, thumbnails)
 
         pending = submit_next()
         while pending is not None:
@@ -408,10 +530,12 @@ class Classifier:
             pending = submit_next()  # prepared while this batch runs
             if hooks_per_batch:  # a stream has no whole to show the hooks: each batch is shown instead
                 self._hook("before_predict", self, prepared["items"])
+            self._begin_batch()
             try:
-                predictions = self._infer(engine, prepared, top_k)
+                predictions = self._infer(engine, prepared, top_k, extras or _NO_EXTRAS)
             finally:
                 self._release_buffer(prepared["buffer"])
+                self._end_batch()
             if hooks_per_batch:
                 self._hook("after_predict", self, predictions)
             for prediction in predictions:
@@ -421,7 +545,7 @@ class Classifier:
         if failure is not None:
             raise failure
 
-    def _prepare(self, engine: _Engine, items: list[Any], rows: int) -> dict:
+    def _prepare(self, engine: _Engine, items: list[Any], rows: int, thumbnails: bool = False) -> dict:
         start = time.perf_counter()
         sources, errors = [], {}
         for i, item in enumerate(items):
@@ -440,8 +564,11 @@ class Classifier:
                                      out=buffer[1])
         for i, error in batch.errors.items():
             errors.setdefault(i, error)
-        return {"items": items, "batch": batch, "errors": errors, "seconds": time.perf_counter() - start,
-                "buffer": buffer}
+        prepared = {"items": items, "batch": batch, "errors": errors, "seconds": time.perf_counter() - start,
+                    "buffer": buffer, "thumbnails_wanted": thumbnails}
+        if thumbnails and engine.gpu is None:  # here, on the preparing thread, they overlap inference
+            prepared["thumbnails"] = _thumbnails(batch.array, [int(i) for i in np.flatnonzero(batch.ok)], engine.spec)
+        return prepared
 
     def _acquire_buffer(self, engine: _Engine, rows: int) -> tuple[tuple, Any]:
         """(key, batch buffer of ``rows`` rows): a NumPy array, or a CUDA tensor for GPU preprocessing."""
@@ -474,18 +601,25 @@ class Classifier:
             while len(self._free_buffers) > _POOLED_SHAPES:  # other batch sizes: the least recently used go
                 self._free_buffers.popitem(last=False)
 
-    def _infer(self, engine: _Engine, prepared: dict, top_k: int) -> list[Prediction]:
+    def _infer(self, engine: _Engine, prepared: dict, top_k: int, extras: _Extras) -> list[Prediction]:
         items, batch, errors = prepared["items"], prepared["batch"], prepared["errors"]
         good = np.flatnonzero(batch.ok)
         start = time.perf_counter()
         # All good: the batch goes to the runtime as it is (no copy); otherwise only the good rows.
         inputs = batch.array if len(good) == len(items) else batch.array[good]
-        scores = None
+        scores = outputs = embeddings = None
         if len(good):
-            outputs = engine.runtime.run(inputs)
+            if extras.embedding:
+                outputs, embeddings = engine.runtime.run_with_embedding(inputs)
+                embeddings = np.asarray(embeddings).reshape(len(good), -1)
+            else:
+                outputs = engine.runtime.run(inputs)
             engine.outputs.check_outputs(outputs)  # a model whose width the runtime could not tell at load
             scores = engine.post(outputs)
         inference_ms = (time.perf_counter() - start) * 1000 / max(len(good), 1)
+        thumbnails: dict[int, bytes] = prepared.get("thumbnails", {})
+        if prepared["thumbnails_wanted"] and engine.gpu is not None:  # the batch is on the GPU: read it back once
+            thumbnails = _thumbnails(batch.array, [int(i) for i in good], engine.gpu.spec)
         preprocess_ms = prepared["seconds"] * 1000 / max(len(items), 1)
         k = min(top_k, len(engine.names))
         predictions: list[Prediction] = []
@@ -494,15 +628,16 @@ class Classifier:
             # GPU preprocessing times the batch as a whole: its decoding is part of preprocess_ms.
             decode_ms = float(batch.seconds[i, 0]) * 1000 if batch.seconds is not None else 0.0
             timings = {"decode_ms": decode_ms, "preprocess_ms": preprocess_ms, "inference_ms": 0.0}
-            source = _keep_for_display(item)
+            thumbnail = thumbnails.get(i)
             if i in errors:
-                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, errors[i], _source=source))
+                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, errors[i]))
                 continue
             row = row_of[i]
             if not scores.finite[row]:  # NaN scores would still sort into some label: never report one
                 error = ModelOutputError(f"the model's scores for this image are not finite (NaN or infinity); "
                                          f"the model {engine.ref} or its runtime is broken")
-                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, error, _source=source))
+                predictions.append(Prediction(None, None, None, [], False, engine.ref, timings, error,
+                                              _thumbnail=thumbnail))
                 continue
             probabilities = scores.probabilities[row]
             order = top_k_indices(probabilities, k)
@@ -520,7 +655,10 @@ class Classifier:
                 scientific_name=None if unknown else engine.scientific[best],
                 guess=engine.names[best],
                 open_set_score=float(scores.evidence[row]),
-                _source=source,
+                # Copies: a view would keep the whole batch's array alive as long as one prediction.
+                logits=np.array(outputs[row], dtype=np.float32) if extras.logits else None,
+                embedding=np.array(embeddings[row], dtype=np.float32) if embeddings is not None else None,
+                _thumbnail=thumbnail,
             ))
         return predictions
 
@@ -533,14 +671,19 @@ class Classifier:
             fn(*args)
 
 
-def _keep_for_display(item: Any) -> Any:
-    """What a notebook thumbnail can be made from, without holding large inputs alive."""
-    if isinstance(item, (str, os.PathLike)):
-        return os.fspath(item) if os.path.exists(os.fspath(item)) else None
-    if isinstance(item, (bytes, bytearray)) and len(item) <= 4 * 2**20:
-        return bytes(item)
-    return None
+@dataclasses.dataclass(frozen=True)
+class _Extras:
+    """What a request asks for beyond the prediction itself."""
 
+    logits: bool = False
+    embedding: bool = False
+
+
+_NO_EXTRAS = _Extras()
+
+# Threads that prepare (read, decode, preprocess) batches, shared by every caller of one Classifier; each
+# batch is itself preprocessed on `threads` native threads. See docs/classifier.md for the measurement.
+_PREPROCESS_WORKERS = 1
 
 _POOLED_SHAPES = 2  # buffer shapes kept for reuse: the classifier's batch size and one other
 
@@ -754,7 +897,10 @@ def _engine_from_bundle(bundle: Any, *, device: str, backend: str, threads: int 
     # The bytes are hashed and loaded from one read: checking the path and letting the runtime reopen it
     # would load whatever replaced the file in between (plugin runtimes get a private copy of those bytes).
     runtime = load_runtime(bundle.model_path, m.framework, backend=backend, device=device, threads=threads,
-                           options=options, data=bundle.read_model())
+                           options=options, data=bundle.read_model(), embedding_output=m.embedding_output)
+    if m.embedding_output is not None and not callable(getattr(runtime, "run_with_embedding", None)):
+        raise BundleError(f"manifest.embedding_output: {m.ref} names one, but its {m.framework} runtime "
+                          f"offers no run_with_embedding()")
     indices = list(m.label_subset) if m.label_subset is not None else sorted(by_index)
     chosen = [by_index[i] for i in indices]
     post = PostProcessor(

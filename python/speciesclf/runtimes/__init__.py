@@ -78,7 +78,7 @@ def framework_for_file(path: str | Path) -> str:
 
 def load_runtime(path: str | Path, framework: str, *, backend: str = "auto", device: str = "auto",
                  threads: int | None = None, options: dict[str, Any] | None = None,
-                 data: bytes | None = None) -> Runtime:
+                 data: bytes | None = None, embedding_output: str | None = None) -> Runtime:
     """Load ``path`` (a model of ``framework``) with the runtime ``backend`` picks.
 
     ``options`` go to the runtime: for torch, ``dtype`` ("float32", "float16" or "bfloat16", the last two
@@ -86,7 +86,8 @@ def load_runtime(path: str | Path, framework: str, *, backend: str = "auto", dev
     checked against a bundle's sha256): the built-in runtimes load it instead of reopening ``path``, which
     then only names the model in messages. Plugins take a path: with ``data`` they get a private copy of
     the checked bytes, kept while the runtime lives. A model the runtime cannot parse raises
-    :class:`ModelLoadError`.
+    :class:`ModelLoadError`. ``embedding_output`` names the model output with its penultimate features
+    (a bundle's ``manifest.embedding_output``); a plugin runtime offers it with ``run_with_embedding``.
     """
     options = dict(options or {})
     if backend not in ("auto", "onnxruntime", "torch"):
@@ -99,13 +100,15 @@ def load_runtime(path: str | Path, framework: str, *, backend: str = "auto", dev
             raise ValueError("an ONNX model needs the onnxruntime backend")
         from .ort import OnnxRuntime
 
-        return OnnxRuntime(path, device=device, threads=threads, data=data, **options)
+        return OnnxRuntime(path, device=device, threads=threads, data=data, embedding_output=embedding_output,
+                           **options)
     if framework in ("torchscript", "torch-export"):
         if backend == "onnxruntime":
             raise ValueError(f"a {framework} model needs the torch backend")
         from .torch_runtime import TorchRuntime
 
-        return TorchRuntime(path, framework=framework, device=device, threads=threads, data=data, **options)
+        return TorchRuntime(path, framework=framework, device=device, threads=threads, data=data,
+                            embedding_output=embedding_output, **options)
     plugins = _plugin_loaders()
     if framework in plugins:
         return _load_plugin(plugins[framework], path, data, device=device, threads=threads)

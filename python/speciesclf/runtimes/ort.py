@@ -24,7 +24,8 @@ class OnnxRuntime:
 
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None,
                  allow_spinning: bool = True, dtype: str = "float32", run_batch: int | None = None,
-                 parallel_runs: bool | None = None, data: bytes | None = None):
+                 parallel_runs: bool | None = None, data: bytes | None = None,
+                 embedding_output: str | None = None):
         if dtype != "float32":
             raise ValueError(f"precision {dtype!r} is for torch models: an ONNX model runs in the precision it was "
                              "exported with")
@@ -105,12 +106,22 @@ class OnnxRuntime:
         # batches of exactly that size: larger batches run in parts of it, a short last part padded.
         first = self.input_shape[0] if self.input_shape else None
         self.fixed_batch = first if isinstance(first, int) and not isinstance(first, bool) and first > 0 else None
-        self.output_name = self.session.get_outputs()[0].name
+        outputs = [output.name for output in self.session.get_outputs()]
+        if embedding_output is not None and embedding_output not in outputs:
+            from ..bundle import BundleError
+
+            raise BundleError(f"manifest.embedding_output: {embedding_output!r} is not an output of "
+                              f"{Path(path).name} (its outputs: {', '.join(map(repr, outputs))})")
+        # The scores are the first output that is not the embedding (models with an added embedding output
+        # keep their scores first).
+        self.output_name = next(name for name in outputs if name != embedding_output)
+        self.embedding_name = embedding_output
+        self.has_embedding = embedding_output is not None
 
     @property
     def output_width(self) -> int | None:
         """The model's number of outputs per image when its output shape fixes it, else None."""
-        shape = self.session.get_outputs()[0].shape
+        shape = next(o for o in self.session.get_outputs() if o.name == self.output_name).shape
         width = shape[-1] if len(shape) == 2 else None
         return width if isinstance(width, int) and width > 0 else None
 
@@ -132,23 +143,33 @@ class OnnxRuntime:
         return "float16" if self.session.get_inputs()[0].type == "tensor(float16)" else "float32"
 
     def run(self, batch) -> np.ndarray:
+        return self._run(batch, [self.output_name])[0]
+
+    def run_with_embedding(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, embeddings): the embedding output is fetched only when asked for."""
+        if self.embedding_name is None:
+            raise ValueError("this model declares no embedding output")
+        scores, embeddings = self._run(batch, [self.output_name, self.embedding_name])
+        return scores, embeddings
+
+    def _run(self, batch, names: list[str]) -> list[np.ndarray]:
         if not isinstance(batch, np.ndarray):  # a torch tensor, from GPU preprocessing
             if self.device == "cuda" and batch.is_cuda:
-                return self._run_on_device_in_parts(batch)
+                return self._run_on_device_in_parts(batch, names)
             batch = batch.detach().cpu().numpy()
         n = len(batch)
         if n == 0:
-            return self._run_slice(_padded(batch, self.fixed_batch or 0))[:0]
+            return [out[:0] for out in self._run_slice(_padded(batch, self.fixed_batch or 0), names)]
         step = self._part_size(n)
         parts = [batch[i:i + step] for i in range(0, n, step)]
         if self.fixed_batch:
             parts = [_padded(part, self.fixed_batch) for part in parts]
         if len(parts) == 1:
-            outputs = [self._run_slice(parts[0])]
+            outputs = [self._run_slice(parts[0], names)]
         elif self._single_thread is not None:
             # Side by side on the single-threaded session, one part per lane at a time, in input order.
-            def run_part(part: np.ndarray) -> np.ndarray:
-                return self._run_slice(part, self._single_thread)
+            def run_part(part: np.ndarray) -> list[np.ndarray]:
+                return self._run_slice(part, names, self._single_thread)
 
             try:
                 outputs = list(self._pool().map(run_part, parts))
@@ -157,9 +178,12 @@ class OnnxRuntime:
                     raise
                 outputs = [run_part(part) for part in parts]
         else:
-            outputs = [self._run_slice(part) for part in parts]
-        result = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
-        return result[:n] if self.fixed_batch else result
+            outputs = [self._run_slice(part, names) for part in parts]
+        results = []
+        for k in range(len(names)):
+            result = outputs[0][k] if len(outputs) == 1 else np.concatenate([out[k] for out in outputs])
+            results.append(result[:n] if self.fixed_batch else result)
+        return results
 
     def _part_size(self, n: int) -> int:
         """Images per run: a fixed batch dimension's size; else at most run_batch, and with side-by-side runs
@@ -171,9 +195,9 @@ class OnnxRuntime:
             step = min(step, math.ceil(n / self.lanes))
         return max(1, step)
 
-    def _run_slice(self, batch: np.ndarray, session: object = None) -> np.ndarray:
+    def _run_slice(self, batch: np.ndarray, names: list[str], session: object = None) -> list[np.ndarray]:
         session = self.session if session is None else session
-        return session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch)})[0]
+        return session.run(names, {self.input_name: np.ascontiguousarray(batch)})
 
     def close(self) -> None:
         """Stops the side-by-side threads (a later run still works: in this thread, or on a new pool)."""
@@ -190,12 +214,12 @@ class OnnxRuntime:
                 self._lane_pool_pid = os.getpid()
             return self._lane_pool
 
-    def _run_on_device_in_parts(self, batch) -> np.ndarray:
+    def _run_on_device_in_parts(self, batch, names: list[str]) -> list[np.ndarray]:
         k, n = self.fixed_batch, len(batch)
         if not k or n == k:
-            return self._run_on_device(batch)
+            return self._run_on_device(batch, names)
         if n == 0:
-            return self._run_on_device(batch.new_zeros((k, *batch.shape[1:])))[:0]
+            return [out[:0] for out in self._run_on_device(batch.new_zeros((k, *batch.shape[1:])), names)]
         import torch
 
         outputs = []
@@ -203,19 +227,20 @@ class OnnxRuntime:
             part = batch[i:i + k]
             if len(part) < k:
                 part = torch.cat([part, part.new_zeros((k - len(part), *part.shape[1:]))])
-            outputs.append(self._run_on_device(part))
-        return np.concatenate(outputs)[:n]
+            outputs.append(self._run_on_device(part, names))
+        return [np.concatenate([out[j] for out in outputs])[:n] for j in range(len(names))]
 
-    def _run_on_device(self, batch) -> np.ndarray:
+    def _run_on_device(self, batch, names: list[str]) -> list[np.ndarray]:
         # The CUDA provider reads the batch where GPU preprocessing left it: no round trip through the host.
         batch = batch.contiguous()
         binding = self.session.io_binding()
         element = np.float16 if str(batch.dtype) == "torch.float16" else np.float32
         binding.bind_input(self.input_name, "cuda", batch.device.index or 0, element, tuple(batch.shape),
                            batch.data_ptr())
-        binding.bind_output(self.output_name)
+        for name in names:
+            binding.bind_output(name)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return list(binding.copy_outputs_to_cpu())
 
 
 def _file_size(path: str | Path) -> int | None:

@@ -23,7 +23,7 @@ class TorchRuntime:
 
     def __init__(self, path: str | Path, *, framework: str, device: str = "auto", threads: int | None = None,
                  dtype: str = "float32", channels_last: bool = False, cuda_graphs: bool = False,
-                 max_graphs: int = 8, data: bytes | None = None):
+                 max_graphs: int = 8, data: bytes | None = None, embedding_output: str | None = None):
         import torch
 
         if device == "auto":
@@ -66,6 +66,8 @@ class TorchRuntime:
         self.max_graphs = int(max_graphs)
         self._graphs: dict[tuple, tuple] = {}  # batch shape -> (graph, static input, static output)
         self._torch = torch
+        # A torch model with an embedding returns (scores, embedding); the manifest's name documents it.
+        self.has_embedding = embedding_output is not None
 
     @property
     def input_dtype(self) -> str:
@@ -73,6 +75,21 @@ class TorchRuntime:
         return str(self.dtype).removeprefix("torch.")
 
     def run(self, batch) -> np.ndarray:
+        return self._run(batch)[0].float().cpu().numpy()
+
+    def run_with_embedding(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, embeddings): the model's first two outputs."""
+        if not self.has_embedding:
+            raise ValueError("this model declares no embedding output")
+        outputs = self._run(batch)
+        if len(outputs) < 2:
+            from ..bundle import BundleError
+
+            raise BundleError("manifest.embedding_output: the torch model returns one tensor; a model with an "
+                              "embedding returns (scores, embedding)")
+        return outputs[0].float().cpu().numpy(), outputs[1].float().cpu().numpy()
+
+    def _run(self, batch) -> tuple:
         torch = self._torch
         with torch.inference_mode():
             if isinstance(batch, torch.Tensor):
@@ -81,12 +98,11 @@ class TorchRuntime:
                 x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = self._forward_with_graph(x) if self.cuda_graphs else self._forward(x)
-            return y.float().cpu().numpy()
+            return self._forward_with_graph(x) if self.cuda_graphs else self._forward(x)
 
-    def _forward(self, x):
+    def _forward(self, x) -> tuple:
         y = self.module(x)
-        return y[0] if isinstance(y, (tuple, list)) else y
+        return tuple(y) if isinstance(y, (tuple, list)) else (y,)
 
     def _forward_with_graph(self, x):
         torch = self._torch
