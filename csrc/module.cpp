@@ -117,6 +117,22 @@ py::list preprocess(const py::list& items, const py::buffer& out, int size, int 
   return failures;
 }
 
+// Runs one image's native work with the GIL released; its failure comes back as a status and a message.
+template <class Work>
+Status without_gil(std::string* message, Work&& work) {
+  py::gil_scoped_release release;
+  try {
+    work();
+    return Status::kOk;
+  } catch (const ImageFailure& f) {
+    *message = f.what();
+    return f.status();
+  } catch (const std::bad_alloc&) {
+    *message = "out of memory";
+    return Status::kOutOfMemory;
+  }
+}
+
 // Returns (status, message, array or None).
 py::tuple decode(const py::buffer& data, int min_width, int min_height, uint64_t max_pixels, uint64_t max_bytes) {
   py::buffer_info info = data.request();
@@ -126,22 +142,12 @@ py::tuple decode(const py::buffer& data, int min_width, int min_height, uint64_t
   const std::size_t size = std::size_t(info.size);
   thread_local ScratchBuffer decoded, oriented;
   RgbView view;
-  Status status = Status::kOk;
   std::string message;
-  {
-    py::gil_scoped_release release;
-    try {
-      const Probe probe = probe_image(bytes, size, Limits{max_pixels, max_bytes});
-      const int reduction = reduction_for(probe, min_width, min_height, 1.0);
-      view = decode_upright(probe, bytes, size, reduction, /*needed=*/nullptr, decoded, oriented);
-    } catch (const ImageFailure& f) {
-      status = f.status();
-      message = f.what();
-    } catch (const std::bad_alloc&) {
-      status = Status::kOutOfMemory;
-      message = "out of memory";
-    }
-  }
+  const Status status = without_gil(&message, [&] {
+    const Probe probe = probe_image(bytes, size, Limits{max_pixels, max_bytes});
+    const int reduction = reduction_for(probe, min_width, min_height, 1.0);
+    view = decode_upright(probe, bytes, size, reduction, /*needed=*/nullptr, decoded, oriented);
+  });
   struct Trim {  // after the copy, or on any way out
     ScratchBuffer& a;
     ScratchBuffer& b;
@@ -169,20 +175,9 @@ py::tuple probe(const py::buffer& data) {
   const auto* bytes = static_cast<const uint8_t*>(info.ptr);
   const std::size_t size = std::size_t(info.size);
   Probe found;
-  Status status = Status::kOk;
   std::string message;
-  {
-    py::gil_scoped_release release;
-    try {
-      found = probe_image(bytes, size, Limits{UINT64_MAX, UINT64_MAX});
-    } catch (const ImageFailure& f) {
-      status = f.status();
-      message = f.what();
-    } catch (const std::bad_alloc&) {
-      status = Status::kOutOfMemory;
-      message = "out of memory";
-    }
-  }
+  const Status status =
+      without_gil(&message, [&] { found = probe_image(bytes, size, Limits{UINT64_MAX, UINT64_MAX}); });
   return py::make_tuple(int(status), message_text(message), found.stored_width, found.stored_height);
 }
 

@@ -9,6 +9,7 @@ socket.connect proves it), and what it may fetch is served on loopback, allowed 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import re
 import socket
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 import speciesclf
 from speciesclf.errors import ImageError, PayloadTooLargeError, UrlFetchError, UrlNotAllowedError
 from speciesclf.fetch import UrlFetcher, UrlPolicy, address_refusal, fetch_bytes, host_allowed
-from url_origin import FakeDNS, Origin, certificate, jpeg
+from url_origin import FakeDNS, Origin, certificate, jpeg, record_connects
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = UrlPolicy(allow_networks=("127.0.0.1/32",))
@@ -32,16 +33,7 @@ LOOPBACK = UrlPolicy(allow_networks=("127.0.0.1/32",))
 
 @pytest.fixture
 def connects(monkeypatch) -> list[str]:
-    """Every address any socket in this process connects to during the test (the connection still happens)."""
-    seen: list[str] = []
-    real = socket.socket.connect
-
-    def connect(sock, address):
-        seen.append(address[0])
-        return real(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    return seen
+    return record_connects(monkeypatch)
 
 
 # --- the address checks (pure) --------------------------------------------------------------------------------
@@ -424,18 +416,13 @@ def test_predict_url_from_inside_a_running_event_loop(species100, origin, monkey
 
 @pytest.mark.shared
 def test_url_failures_are_typed_and_coded(species100, origin, monkeypatch) -> None:
-    monkeypatch.setattr(species100, "allow_urls", dataclass_replace(LOOPBACK, max_bytes=2**20))
-    cases = {"missing": (speciesclf.UrlFetchError, "url_fetch_failed"), "500": (speciesclf.UrlFetchError, "url_fetch_failed"),
-             "big": (PayloadTooLargeError, "image_too_large"), "text": (speciesclf.UnsupportedFormatError, "unsupported_format")}
+    monkeypatch.setattr(species100, "allow_urls", dataclasses.replace(LOOPBACK, max_bytes=2**20))
+    cases = {"missing": (UrlFetchError, "url_fetch_failed"), "500": (UrlFetchError, "url_fetch_failed"),
+             "big": (PayloadTooLargeError, "image_too_large"),
+             "text": (speciesclf.UnsupportedFormatError, "unsupported_format")}
     for path, (error, code) in cases.items():
         p = species100.predict(f"{origin.base}/{path}")
         assert isinstance(p.error, error) and p.to_dict()["error"]["code"] == code, (path, p.error)
-
-
-def dataclass_replace(policy_: UrlPolicy, **changes) -> UrlPolicy:
-    import dataclasses
-
-    return dataclasses.replace(policy_, **changes)
 
 
 # --- one implementation each -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from speciesclf import fetch
 from speciesclf.fetch import UrlPolicy
 from speciesclf.models import weights as W
 from speciesclf.models.weights import MOBILENETV2_INT8, WeightsError, WeightsSpec, cache_dir, weights_path
+from url_origin import record_connects
 
 # The test server listens on loopback, which downloads refuse unless their policy allows it.
 LOOPBACK = UrlPolicy(allow_networks=("127.0.0.1/32",))
@@ -337,16 +338,7 @@ def test_the_default_policy_refuses_loopback_without_a_request(server):
 
 @pytest.mark.parametrize("route", ["/to-private", "/to-metadata"])
 def test_a_redirect_to_a_private_address_is_refused_without_connecting(server, route, monkeypatch):
-    import socket
-
-    connected: list = []
-    real_connect = socket.socket.connect
-
-    def connect(sock, address):
-        connected.append(address[0])
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
+    connected = record_connects(monkeypatch)
     with pytest.raises(WeightsError, match="redirect .* refused") as info:
         download(fake_spec(server.url(route)), timeout=5)
     assert "refused address" in str(info.value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import io
+import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +16,21 @@ from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
-__all__ = ["FakeDNS", "Origin", "certificate", "jpeg"]
+__all__ = ["FakeDNS", "Origin", "certificate", "jpeg", "record_connects"]
+
+
+def record_connects(monkeypatch) -> list[str]:
+    """The address of every socket connect in this process from now on, for the test's duration (through
+    pytest's ``monkeypatch``; the connections still happen): proof that a refused address was never tried."""
+    seen: list[str] = []
+    real = socket.socket.connect
+
+    def connect(sock, address):
+        seen.append(address[0])
+        return real(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return seen
 
 
 def jpeg(width: int = 64, height: int = 48) -> bytes:
