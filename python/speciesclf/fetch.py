@@ -280,8 +280,9 @@ class _Body:
 
 
 class _Resolvers:
-    """Name resolution in a small thread pool of its own (one per process: a pool does not survive fork),
-    so that a blocking fetch's event loop never waits at shutdown for a lookup its timeout gave up on."""
+    """Name resolution in a thread pool of its own (one per process: a pool does not survive fork), so that
+    a blocking fetch's event loop never waits at shutdown for a lookup its timeout gave up on. Its threads
+    start as lookups need them, up to the service's default number of concurrent fetches."""
 
     _lock = threading.Lock()
     _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -291,7 +292,7 @@ class _Resolvers:
     def pool(cls) -> concurrent.futures.ThreadPoolExecutor:
         with cls._lock:
             if cls._pool is None or cls._pid != os.getpid():
-                cls._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="speciesclf-dns")
+                cls._pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="speciesclf-dns")
                 cls._pid = os.getpid()
             return cls._pool
 
