@@ -104,7 +104,7 @@ def test_cli_classify(home, sample_photos, tmp_path):
     for photo in sample_photos[:4]:
         shutil.copy(photo, folder / photo.name)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    run = subprocess.run([sys.executable, "-m", "speciesclf", "classify", str(tmp_path / "photos"), "--format", "json"],
+    run = subprocess.run([sys.executable, "-m", "speciesclf", "classify", str(tmp_path / "photos"), "--format", "jsonl"],
                          capture_output=True, text=True, timeout=300)
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     assert run.returncode == 1 and "1 of 5 images could not be classified" in run.stderr
