@@ -9,7 +9,7 @@ loaded on first use).
 
 from ._version import __version__
 from .bundle import Bundle, BundleError, Label, Manifest, UnknownRule, create_bundle
-from .classifier import Classifier, Prediction
+from .classifier import Classifier, Prediction, Predictions
 from .decoding import decode
 from .errors import (
     CudaUnavailableError,
@@ -57,6 +57,7 @@ __all__ = [
     "Manifest",
     "PayloadTooLargeError",
     "Prediction",
+    "Predictions",
     "PreprocessSpec",
     "Registry",
     "RegistryError",
