@@ -392,3 +392,41 @@ def test_check_model_io_is_callable_on_its_own(exported):
                                    num_outputs=12)
     with pytest.raises(speciesclf.BundleError, match="num_outputs.*12.*10 outputs"):
         check_model_io(runtime, manifest.preprocess, manifest)
+
+
+def _pooling_model(path: Path, shape, *, elem: str = "float", nhwc: bool = False) -> Path:
+    """A valid classifier of any image size: channel means (after a cast from ``elem``), then 3 -> 4 outputs:
+    the last is the blue mean, the others 0."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    element = {"float": TensorProto.FLOAT, "uint8": TensorProto.UINT8}[elem]
+    nodes = [helper.make_node("Cast", ["input"], ["pixels"], to=TensorProto.FLOAT)]
+    nodes.append(helper.make_node("ReduceMean", ["pixels"], ["means"], axes=[1, 2] if nhwc else [2, 3], keepdims=0))
+    nodes.append(helper.make_node("MatMul", ["means", "weights"], ["output"]))
+    matrix = np.zeros((3, 4), np.float32)
+    matrix[2, 3] = 1  # output "d" is the blue channel's mean, the others 0
+    weights = numpy_helper.from_array(matrix, "weights")
+    graph = helper.make_graph(nodes, "pooling", [helper.make_tensor_value_info("input", element, shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("shape, elem, spec", [
+    (["N", 3, "H", "W"], "float", PreprocessSpec()),
+    (["N", "C", "H", "W"], "float", PreprocessSpec()),
+    (None, "float", PreprocessSpec()),  # no declared shape (rank unknown): nothing to check it against
+    (["N", 224, 224, 3], "uint8", PreprocessSpec(layout="NHWC", dtype="uint8")),
+    ([1, 3, 224, 224], "float", PreprocessSpec()),  # a fixed batch of 1: larger batches run in parts
+    ([4, 3, 224, 224], "float", PreprocessSpec()),
+])
+def test_valid_onnx_inputs_load_and_predict(tmp_path, shape, elem, spec):
+    model = _pooling_model(tmp_path / "pool.onnx", shape, elem=elem, nhwc=spec.layout == "NHWC")
+    image = np.zeros((40, 50, 3), np.uint8)
+    image[..., 2] = 255
+    with Classifier.load(model, labels=list("abcd"), preprocess=spec, batch_size=6) as clf:
+        predictions = clf.predict_batch([image] * 7)
+    assert [p.label for p in predictions] == ["d"] * 7 and all(p.ok for p in predictions)

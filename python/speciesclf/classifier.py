@@ -799,6 +799,9 @@ def _spec_input(spec: PreprocessSpec) -> str:
 
 def _input_mismatch(declared: Any, spec: PreprocessSpec) -> str:
     shape = declared.shape
+    if shape is None:  # no shape declared: only the dtype can be checked
+        return (f"the model takes {declared.dtype}, the spec gives {spec.dtype}"
+                if declared.dtype is not None and declared.dtype != spec.dtype else "")
     if len(shape) != 4:
         return f"the model takes rank-{len(shape)} input, the spec gives rank 4 (batch, image)"
     wanted = spec.output_shape(0)
@@ -815,7 +818,7 @@ def _input_mismatch(declared: Any, spec: PreprocessSpec) -> str:
 
 
 def _layout_hint(declared: Any) -> str:
-    shape = declared.shape
+    shape = declared.shape or ()
     if len(shape) == 4 and shape[1] == 3 and shape[3] != 3:
         return " (channels first: NCHW)"
     if len(shape) == 4 and shape[3] == 3 and shape[1] != 3:

@@ -42,13 +42,16 @@ class ModelInputError(BundleError):
 @dataclasses.dataclass(frozen=True)
 class ModelInput:
     """A model's declared image input: ``shape`` has None for a dimension the model leaves free (a symbolic
-    batch size); ``dtype`` is a NumPy-style name, or None where the runtime converts its input itself."""
+    batch size), and is None itself when the model declares no shape at all; ``dtype`` is a NumPy-style
+    name, or None where the runtime converts its input itself."""
 
     name: str
-    shape: tuple[int | None, ...]
+    shape: tuple[int | None, ...] | None
     dtype: str | None
 
     def describe(self) -> str:
+        if self.shape is None:
+            return f"{self.name!r}: {self.dtype or 'any dtype'} [shape not declared]"
         dims = ", ".join("N" if i == 0 and d is None else ("?" if d is None else str(d))
                          for i, d in enumerate(self.shape))
         return f"{self.name!r}: {self.dtype or 'any dtype'} [{dims}]"

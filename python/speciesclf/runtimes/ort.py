@@ -131,8 +131,9 @@ class OnnxRuntime:
         from . import ModelInput
 
         model_input = self.session.get_inputs()[0]
+        # onnxruntime gives [] for an input whose shape the model leaves undeclared (any rank): nothing to check.
         shape = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
-                      for d in (model_input.shape or ()))
+                      for d in model_input.shape) if model_input.shape else None
         kind = model_input.type
         dtype = _ORT_TYPES.get(kind, kind.removeprefix("tensor(").removesuffix(")"))
         return ModelInput(model_input.name, shape, dtype)
