@@ -47,7 +47,8 @@ TIMEOUT_S = 180
 KNOWN_LANGUAGES = {"python", "bash", "text", "yaml", ""}
 MAX_SKIPS = 6  # exceptions stay few: raise this only with a reason nothing else can meet
 
-FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+# A fence may be indented (a block under a list item); its closing fence has the same indentation.
+FENCE = re.compile(r"^([ \t]*)```([\w-]*)[ \t]*\n(.*?)^\1```[ \t]*$", re.M | re.S)
 MARKER = re.compile(r"<!--\s*docs-test:(.*?)-->", re.S)
 SKIP = re.compile(r"^\s*skip\s*\((.*)\)\s*$", re.S)
 SETUP_COMMANDS = 2  # the README's first two ```bash blocks
@@ -77,9 +78,13 @@ def page_blocks(page: Path) -> list[Block]:
             found = list(MARKER.finditer(before))
             if found and found[-1].end() == len(before):
                 marker = found[-1][1].strip()
-        blocks.append(Block(page, text.count("\n", 0, match.start()) + 1, match[1], match[2], marker))
+        indent = match[1]
+        code = "".join(line[len(indent):] if line.startswith(indent) else line
+                       for line in match[3].splitlines(keepends=True))
+        blocks.append(Block(page, text.count("\n", 0, match.start()) + 1, match[2], code, marker))
     for previous, block in zip(blocks, blocks[1:]):
-        between = text.splitlines()[previous.line + previous.code.count("\n") : block.line - 1]
+        # The lines after the previous block's closing fence, up to this block's opening one.
+        between = text.splitlines()[previous.line + previous.code.count("\n") + 1 : block.line - 1]
         if previous.language == "bash" and block.language == "text" and not any(line.strip() for line in between):
             previous.output = block.code
     return blocks
@@ -328,3 +333,21 @@ def test_readme_status_figures_are_the_performance_sections() -> None:
     performance = text.split("## Performance", 1)[1].split("\n## ", 1)[0]
     missing = sorted(measured_ratios(status) - measured_ratios(performance))
     assert not missing, f"the status table states {missing}, which the performance section does not give"
+
+
+def test_page_blocks_finds_shown_output_and_indented_blocks(tmp_path: Path) -> None:
+    """A ```text block right after a ```bash block is its output; a block indented under a list item is a
+    block too (it runs, or carries a skip marker): no command escapes the test by its indentation."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Intro.\n\n```bash\necho hello 1\n```\n\n```text\nhello 7\n```\n\n"
+        "* a list item:\n\n  <!-- docs-test: skip (a server) -->\n  ```bash\n  speciesclf serve\n  ```\n\n"
+        "```bash\necho alone\n```\n\nProse between.\n\n```text\nnot its output\n```\n",
+        encoding="utf-8",
+    )
+    blocks = page_blocks(page)
+    assert [(b.line, b.language) for b in blocks] == [(3, "bash"), (7, "text"), (14, "bash"), (18, "bash"), (24, "text")]
+    assert blocks[0].output == "hello 7\n"
+    assert shape_problem(blocks[0].output, "hello 2\n") is None and shape_problem(blocks[0].output, "bye 2\n")
+    assert blocks[2].code == "speciesclf serve\n" and blocks[2].marker == "skip (a server)"
+    assert blocks[3].output is None  # prose between: an illustration, not its output
