@@ -240,6 +240,23 @@ def test_predictions_keep_no_input_alive(model_file: Path, photo_bytes):
     assert all("<img" not in p._repr_html_() for p in plain)
 
 
+def test_an_error_prediction_keeps_no_input_of_its_batch_alive(imagenet: Classifier):
+    """An item's error was kept with its traceback, whose frames hold the whole batch of inputs."""
+    import gc
+    import weakref
+
+    for bad in ("no/such/photo.jpg", None):  # raised while reading the item / while preprocessing it
+        images = [np.full((300, 300, 3), 90, np.uint8) for _ in range(5)]
+        alive = [weakref.ref(image) for image in images]
+        predictions = imagenet.predict_batch(images + [bad])
+        del images
+        gc.collect()
+        assert predictions[-1].error is not None and all(p.ok for p in predictions[:-1])
+        assert sum(ref() is not None for ref in alive) == 0, f"inputs kept by the error of {bad!r}"
+        with pytest.raises(type(predictions[-1].error)):  # still raised as itself
+            imagenet.predict_batch([bad], on_error="raise")
+
+
 def test_every_input_kind_gets_a_thumbnail(model_file: Path, sample_photos):
     path = sample_photos[3]
     data = path.read_bytes()

@@ -564,6 +564,9 @@ class Classifier:
                                      out=buffer[1])
         for i, error in batch.errors.items():
             errors.setdefault(i, error)
+        # A caught error's traceback holds the frames it passed, and their locals hold the whole batch of
+        # inputs: kept on a prediction, it would keep them all alive. The message says what went wrong.
+        errors = {i: error.with_traceback(None) for i, error in errors.items()}
         prepared = {"items": items, "batch": batch, "errors": errors, "seconds": time.perf_counter() - start,
                     "buffer": buffer, "thumbnails_wanted": thumbnails}
         if thumbnails and engine.gpu is None:  # here, on the preparing thread, they overlap inference
