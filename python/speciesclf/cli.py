@@ -81,7 +81,9 @@ def _one_line_errors(run):
     """Wrap a handler so that errors print one line ``speciesclf: error: ...`` and exit 1, never a traceback.
 
     ValueError covers BundleError and RegistryError, RuntimeError the runtimes' ModelLoadError and the
-    CUDA errors, OSError unreadable or unwritable files. Every subcommand but info and serve uses it.
+    CUDA errors, OSError unreadable or unwritable files. Any other exception (a runtime's own types, such as
+    onnxruntime's Fail when a model fails amid a run) is named by its class, as it says less on its own.
+    Every subcommand but info and serve uses it.
     """
 
     def wrapped(args: argparse.Namespace) -> int:
@@ -89,9 +91,11 @@ def _one_line_errors(run):
             return run(args)
         except BrokenPipeError:
             raise  # the reader went away (| head): main() ends quietly
-        except (ValueError, RuntimeError, OSError) as e:
+        except Exception as e:
             # One line even when a library's message has several (a runtime's list of bad dimensions).
             message = re.sub(r"\s*\n\s*", "; ", re.sub(r":\s*\n\s*", ": ", str(e).strip()))
+            if not isinstance(e, (ValueError, RuntimeError, OSError)):
+                message = f"{type(e).__name__}: {message}"
             print(f"speciesclf: error: {message}", file=sys.stderr)
             return 1
 
