@@ -122,6 +122,33 @@ def test_a_bad_base64_item_stays_the_items_own_error(server) -> None:
     assert first["error"] is None and second == {"error": {"code": "invalid_base64", "message": second["error"]["message"]}}
 
 
+# --- bodies made of many small problems ---------------------------------------------------------------------
+# Validation runs on the event loop: its cost must follow the body's size (bounded by max_body_bytes), not the
+# number of problems pydantic could list. Before the fix a 2 MiB list of ints held the loop for ~9 s.
+
+
+def test_a_batch_of_too_many_items_is_413_without_validating_each(server) -> None:
+    body = b'{"images":[' + b",".join([b"1"] * 1_000_000) + b"]}"  # 2 MiB, a million bad items
+    start = time.perf_counter()
+    r = httpx.post(server.url + "/v1/predict/batch", content=body, headers={"content-type": "application/json"},
+                   timeout=120)
+    seconds = time.perf_counter() - start
+    status, code, message = error_of(r)
+    assert (status, code) == (413, "too_many_images") and "max_batch_request=64" in message, message
+    assert seconds < 3, f"{seconds:.1f} s for one request: the event loop was held that long"
+
+
+def test_a_body_of_a_million_unknown_fields_is_refused_quickly(server) -> None:
+    body = ("{" + ",".join(f'"k{i}":1' for i in range(1_000_000)) + "}").encode()  # 12 MiB
+    start = time.perf_counter()
+    r = httpx.post(server.url + "/v1/predict", content=body, headers={"content-type": "application/json"},
+                   timeout=120)
+    seconds = time.perf_counter() - start
+    status, code, message = error_of(r)
+    assert (status, code) == (422, "invalid_request") and "1000000 problems" in message, message
+    assert seconds < 4, f"{seconds:.1f} s for one request: the event loop was held that long"
+
+
 # --- the CLI names what the user can change -------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from .logs import log
 from .metrics import Metrics
 from .openapi import openapi_document
 from .schemas import (DEFAULT_TOP_K, ROUTES, Health, ModelsBody, NotReady, Ready, RequestModels, UrlInput,
-                      validation_message)
+                      too_many_items, validation_message)
 from .._version import __version__
 
 __all__ = ["create_app"]
@@ -39,7 +39,7 @@ class _State:
     def __init__(self, source: Any, config: ServeConfig, on_load_failure: Callable[[str], None] | None):
         self.source = source
         self.config = config
-        self.models = RequestModels.build(config.max_top_k)
+        self.models = RequestModels.build(config.max_top_k, config.max_batch_request)
         self.metrics = Metrics()
         self.classifier: Any = None
         self.batcher: Batcher | None = None
@@ -399,6 +399,10 @@ def _validate(state: _State, model: type[BaseModel], body: bytes) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
+        count = too_many_items(e)
+        if count is not None:
+            # The answer of a multipart batch of as many files.
+            _batch_count(max(count, state.config.max_batch_request + 1), state.config)
         raise ApiError(422, "invalid_request", validation_message(e, state.config.max_top_k)) from None
 
 

@@ -17,7 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictInt, St
 
 __all__ = [
     "BatchResponse", "ErrorBody", "ErrorDetail", "Health", "ModelsBody", "NotReady", "PredictionBody", "Ready",
-    "RequestModels", "RouteDoc", "ROUTES", "TopKEntry", "UrlInput", "validation_message",
+    "RequestModels", "RouteDoc", "ROUTES", "TopKEntry", "UrlInput", "too_many_items", "validation_message",
 ]
 
 DEFAULT_TOP_K = 5
@@ -103,19 +103,27 @@ class RequestModels:
     batch_json: type[BaseModel]
     predict_form: type[BaseModel]
     batch_form: type[BaseModel]
+    max_batch_request: int | None = None
 
     @classmethod
-    def build(cls, max_top_k: int) -> RequestModels:
-        def with_top_k(name: str, base: type[BaseModel], doc: str, as_text: bool) -> type[BaseModel]:
+    def build(cls, max_top_k: int, max_batch_request: int | None = None) -> RequestModels:
+        """``max_batch_request`` bounds a JSON batch's ``images`` in the schema itself, so that pydantic refuses
+        a longer list by its length alone instead of validating (and listing the problems of) every item."""
+        def with_top_k(name: str, base: type[BaseModel], doc: str, as_text: bool, **fields: Any) -> type[BaseModel]:
             top_k_type = int if as_text else StrictInt  # a multipart field is text: digits, checked by top_k_text
             return create_model(name, __base__=base, __doc__=doc,
-                                top_k=(top_k_type, _top_k_field(max_top_k, as_text)))
+                                top_k=(top_k_type, _top_k_field(max_top_k, as_text)), **fields)
 
+        images = _BatchRequest.model_fields["images"]
+        bounded = {} if max_batch_request is None else {
+            "images": (list[BatchItem], Field(description=images.description, max_length=max_batch_request))}
         return cls(
             max_top_k=max_top_k,
+            max_batch_request=max_batch_request,
             predict_json=with_top_k("PredictRequest", _PredictRequest,
                                     "One image: exactly one of image or url.", False),
-            batch_json=with_top_k("BatchRequest", _BatchRequest, "Several images, each answered on its own.", False),
+            batch_json=with_top_k("BatchRequest", _BatchRequest, "Several images, each answered on its own.", False,
+                                  **bounded),
             predict_form=with_top_k("PredictForm", _PredictForm, "One image file.", True),
             batch_form=with_top_k("BatchForm", _BatchForm, "Several image files.", True),
         )
@@ -130,8 +138,27 @@ class RequestModels:
         return int(value)
 
 
+# pydantic lists every problem (a 20 MiB body of unknown keys holds two million), and turning them into
+# Python objects costs seconds on the event loop: past this many, the answer gives their number only.
+_LISTED_AT_MOST = 100
+
+
+def too_many_items(error: ValidationError) -> int | None:
+    """The length of a JSON batch's ``images`` that its model refused as longer than max_batch_request, or None."""
+    if error.error_count() > _LISTED_AT_MOST:
+        return None
+    for e in error.errors(include_url=False, include_input=False):
+        if e["type"] == "too_long" and tuple(e["loc"]) == ("images",):
+            return int((e.get("ctx") or {}).get("actual_length") or 0)
+    return None
+
+
 def validation_message(error: ValidationError, max_top_k: int) -> str:
     """One line naming each problem by its place in the body (``images[1]``, ``top_k``)."""
+    count = error.error_count()
+    if count > _LISTED_AT_MOST:
+        return (f"the body has {count} problems (unknown fields or values of the wrong type): too many to list; "
+                "the OpenAPI document at /openapi.json gives its schema")
     parts = []
     for e in error.errors(include_url=False):
         # pydantic puts the union's tag after a list index (images, 1, "url", "y"): not a place in the body.
