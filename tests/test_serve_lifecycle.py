@@ -89,6 +89,20 @@ def test_a_reload_that_fails_later_keeps_the_old_model_serving(species100, tmp_p
         assert r.status_code == 200 and r.json()["model"] == "species100@1.0.0"
 
 
+def test_a_port_in_use_ends_serve_with_workers_with_the_same_one_line_reason(tmp_path: Path) -> None:
+    # With --workers the socket is bound before any worker loads a model, so no weights are needed here.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = serve([sys.executable, "-m", "speciesclf", "serve", "--model", "nosuch", "--port", str(port),
+                      "--workers", "2"], tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]
+    reason = last_line(done.stderr)
+    assert reason.startswith("speciesclf: error: serve did not start:") and str(port) in reason, done.stderr[-2000:]
+    assert not list((tmp_path / "tmp").glob("speciesclf-serve-*"))
+
+
 @pytest.mark.shared
 def test_a_port_in_use_ends_serve_with_a_one_line_reason(tmp_path: Path, shared_dir: Path) -> None:
     with socket.socket() as taken:

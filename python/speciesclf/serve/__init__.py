@@ -87,13 +87,20 @@ def run(classifier_or_ref, config: ServeConfig | None = None, *, log_level: str 
         os.mkdir(metrics_dir)
         # uvicorn's worker processes (spawned, so they import everything afresh) take the settings from the
         # environment; prometheus_client chooses multiprocess mode when it is imported, from PROMETHEUS_MULTIPROC_DIR.
+        server_failed = False
         with _environment({_ENV_MODEL: os.fspath(classifier_or_ref), _ENV_CONFIG: json.dumps(config.to_dict()),
                            _ENV_LOG_LEVEL: log_level, _ENV_RUN_DIR: run_dir, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}):
-            uvicorn.run("speciesclf.serve:app_from_environment", factory=True, workers=workers, **common)
+            try:
+                uvicorn.run("speciesclf.serve:app_from_environment", factory=True, workers=workers, **common)
+            except SystemExit:  # uvicorn's own start-up failure (the port is taken, ...): it logged why
+                server_failed = True
         failure = os.path.join(run_dir, _FAILURE_FILE)
         if os.path.exists(failure):
             with open(failure, encoding="utf-8") as f:
                 raise ServeStartupError(f.read().strip() or "a worker could not load the model (see its log)")
+        if server_failed:
+            raise ServeStartupError(f"the HTTP server did not start on {config.host}:{config.port} (uvicorn's "
+                                    "error line above says why)")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
