@@ -17,6 +17,7 @@ import speciesclf.sources
 from speciesclf import (
     Classifier,
     ImageReadError,
+    ImageTooLargeError,
     InvalidImageError,
     PreprocessSpec,
     preprocess_batch,
@@ -279,3 +280,19 @@ def test_closed_classifier_refuses_every_prediction(own_classifier, sample_photo
         with pytest.raises(RuntimeError, match="Classifier is closed"):
             call()
 
+
+
+_HUGE = (100_000, 100_000, 3)  # 30 GB once materialised
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), _HUGE, (0, 0, 0)),
+    lambda: torch.zeros(1, dtype=torch.uint8).expand(_HUGE[2], *_HUGE[:2]),
+    lambda: torch.zeros(1).expand(_HUGE[2], *_HUGE[:2]),
+], ids=["broadcast-array", "expanded-uint8-tensor", "expanded-float-tensor"])
+def test_pixels_beyond_max_pixels_fail_alone_before_any_copy(species100, sample_photos, make):
+    """A broadcast view costs nothing until it is copied: the pixel limit must come before the copy, or
+    the whole batch dies of MemoryError (found in review)."""
+    good, huge = species100.predict_batch([sample_photos[0], make()])
+    assert good.ok
+    assert isinstance(huge.error, ImageTooLargeError) and "max_pixels" in str(huge.error)

@@ -550,7 +550,8 @@ class Classifier:
         sources, errors = [], {}
         for i, item in enumerate(items):
             try:
-                sources.append(to_image_source(item, max_bytes=engine.spec.max_bytes, allow_urls=self.allow_urls))
+                sources.append(to_image_source(item, max_bytes=engine.spec.max_bytes,
+                                               max_pixels=engine.spec.max_pixels, allow_urls=self.allow_urls))
             except ImageError as e:
                 errors[i] = e
                 sources.append(b"")  # its slot is reported with the error above

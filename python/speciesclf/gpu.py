@@ -150,7 +150,7 @@ class GpuPreprocessor:
         slots: list[int] = []
         for i, item in enumerate(items):
             try:
-                sources.append(as_source(item, self.spec.max_bytes))
+                sources.append(as_source(item, self.spec.max_bytes, self.spec.max_pixels))
                 slots.append(i)
             except ImageError as e:
                 errors[i] = e

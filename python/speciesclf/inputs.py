@@ -10,10 +10,11 @@ import numpy as np
 from PIL import Image
 
 from .errors import ImageReadError, ImageTooLargeError, InvalidImageError
+from .spec import DEFAULT_MAX_PIXELS
 
 ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", np.ndarray, Image.Image]
 
-__all__ = ["ImageInput", "as_source"]
+__all__ = ["ImageInput", "as_source", "check_pixel_count"]
 
 
 def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
@@ -46,7 +47,7 @@ def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     return data
 
 
-def as_source(item: object, max_bytes: int) -> bytes | memoryview | np.ndarray:
+def as_source(item: object, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | memoryview | np.ndarray:
     """Encoded bytes (a 1-D byte buffer) or an HxW[xC] uint8 array; raises ImageError for anything else."""
     if isinstance(item, (bytes, bytearray)):
         return item
@@ -57,7 +58,7 @@ def as_source(item: object, max_bytes: int) -> bytes | memoryview | np.ndarray:
     if isinstance(item, (str, os.PathLike)):
         return read_file(item, max_bytes)
     if isinstance(item, np.ndarray):
-        return _as_pixels(item)
+        return _as_pixels(item, max_pixels)
     if isinstance(item, Image.Image):
         from ._pillow_backend import to_rgb
 
@@ -66,13 +67,20 @@ def as_source(item: object, max_bytes: int) -> bytes | memoryview | np.ndarray:
         except (OSError, ValueError) as e:
             raise InvalidImageError(f"cannot convert PIL image of mode {item.mode!r} to RGB: {e}") from None
         # The same shape and empty checks as arrays: a 0x0 image would crash the Pillow backend's resize.
-        return _as_pixels(pixels)
+        return _as_pixels(pixels, max_pixels)
     raise InvalidImageError(
         f"unsupported input type {type(item).__name__}: pass bytes, a path, a uint8 array or a PIL image"
     )
 
 
-def _as_pixels(array: np.ndarray) -> np.ndarray:
+def check_pixel_count(height: int, width: int, max_pixels: int) -> None:
+    """In-memory pixels are held to the same ``max_pixels`` as decoded images: a broadcast array or an
+    expanded tensor costs nothing until it is copied, and the copy would fail the whole batch."""
+    if height * width > max_pixels:
+        raise ImageTooLargeError(f"{width}x{height} pixels exceeds max_pixels={max_pixels}")
+
+
+def _as_pixels(array: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if array.dtype != np.uint8:
         raise InvalidImageError(f"pixel arrays must be uint8, got {array.dtype}")
     if array.ndim == 1:
@@ -81,4 +89,5 @@ def _as_pixels(array: np.ndarray) -> np.ndarray:
         raise InvalidImageError(f"pixel arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InvalidImageError(f"pixel array has no pixels: shape {array.shape}")
+    check_pixel_count(array.shape[0], array.shape[1], max_pixels)
     return np.ascontiguousarray(array)

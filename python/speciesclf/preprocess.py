@@ -107,7 +107,7 @@ def preprocess_batch(
     slots: list[int] = []
     for i, item in enumerate(items):
         try:
-            sources.append(as_source(item, spec.max_bytes))
+            sources.append(as_source(item, spec.max_bytes, spec.max_pixels))
             slots.append(i)
         except ImageError as e:
             errors[i] = e

@@ -26,7 +26,8 @@ from .errors import (
     UrlNotAllowedError,
 )
 from .fetch import UrlPolicy, fetch_bytes
-from .inputs import read_file
+from .inputs import check_pixel_count, read_file
+from .spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["decode_base64", "to_image_source"]
 
@@ -75,7 +76,8 @@ def decode_base64(text: str, *, max_bytes: int | None = None) -> bytes:
     raise InvalidBase64Error("invalid base64 (characters outside the base64 alphabet, or both alphabets mixed)")
 
 
-def to_image_source(item: Any, *, max_bytes: int, allow_urls: bool | UrlPolicy | Iterable[str] = False) -> Any:
+def to_image_source(item: Any, *, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    allow_urls: bool | UrlPolicy | Iterable[str] = False) -> Any:
     """One input as bytes / a pixel array / a PIL image (left to preprocess_batch). Raises ImageError.
 
     ``allow_urls`` says which http(s) URLs may be fetched (see :meth:`speciesclf.fetch.UrlPolicy.of`)."""
@@ -96,7 +98,7 @@ def to_image_source(item: Any, *, max_bytes: int, allow_urls: bool | UrlPolicy |
             raise ImageTooLargeError(f"more than max_bytes={max_bytes} bytes")
         return bytes(data)
     if type(item).__module__.startswith("torch"):
-        return _from_tensor(item)
+        return _from_tensor(item, max_pixels)
     return item  # bytes, PathLike, arrays, PIL images: preprocess_batch checks them
 
 
@@ -129,7 +131,7 @@ def _from_string(text: str, *, max_bytes: int, allow_urls: bool | UrlPolicy | It
     raise ImageReadError(f"no such file: {text[:200]!r}")
 
 
-def _from_tensor(tensor: Any) -> np.ndarray:
+def _from_tensor(tensor: Any, max_pixels: int) -> np.ndarray:
     """A CHW (or HW) torch tensor: uint8 as is, floats in [0, 1] scaled to 0..255."""
     import torch
 
@@ -138,11 +140,13 @@ def _from_tensor(tensor: Any) -> np.ndarray:
     # Meta tensors have no data and sparse ones no dense pixels: torch would raise NotImplementedError.
     if tensor.device.type == "meta" or tensor.layout != torch.strided:
         raise InvalidImageError(f"tensors must be dense with data, got layout {tensor.layout} on {tensor.device}")
-    t = tensor.detach().cpu()
-    if t.ndim == 3 and t.shape[0] in (1, 3, 4):
-        t = t.permute(1, 2, 0)
-    elif t.ndim != 2:
+    chw = tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4)
+    if not chw and tensor.ndim != 2:
         raise InvalidImageError(f"tensors must be CHW (C in 1, 3, 4) or HW, got shape {tuple(tensor.shape)}")
+    check_pixel_count(tensor.shape[-2], tensor.shape[-1], max_pixels)  # before the copy to the CPU
+    t = tensor.detach().cpu()
+    if chw:
+        t = t.permute(1, 2, 0)
     if t.dtype == torch.uint8:
         return t.contiguous().numpy()
     if t.is_floating_point():
