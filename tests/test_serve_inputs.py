@@ -85,6 +85,14 @@ def test_top_k_in_query_and_multipart_field_must_agree(server) -> None:
     assert error_of(r)[:2] == (422, "invalid_request")
 
 
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/predict/batch"])
+def test_top_k_twice_in_the_query_is_refused_like_a_multipart_field_given_twice(server, path) -> None:
+    body = {"image": b64(jpeg())} if path == "/v1/predict" else {"images": [b64(jpeg())]}
+    r = httpx.post(server.url + path + "?top_k=1&top_k=3", json=body, timeout=30)
+    status, code, message = error_of(r)
+    assert (status, code) == (422, "invalid_request") and "top_k" in message and "once" in message, message
+
+
 # --- one rule for requests that do not match the schema ------------------------------------------------------
 
 

@@ -301,8 +301,11 @@ async def _start(state: _State, request: Request, route: str) -> tuple[float, in
     _require_ready(state)
     config = state.config
     deadline = asyncio.get_running_loop().time() + _timeout(request, config)
+    given = request.query_params.getlist("top_k")
+    if len(given) > 1:  # as for a multipart field: one value, not whichever of several came last
+        raise ApiError(422, "invalid_request", "the query parameter top_k must be given once")
     try:
-        top_k = state.models.top_k_text(request.query_params.get("top_k"), "the query parameter")
+        top_k = state.models.top_k_text(given[0] if given else None, "the query parameter")
     except ValueError as e:
         raise ApiError(422, "invalid_request", str(e)) from None
     kind = _body_kind(request)
