@@ -430,3 +430,36 @@ def test_valid_onnx_inputs_load_and_predict(tmp_path, shape, elem, spec):
     with Classifier.load(model, labels=list("abcd"), preprocess=spec, batch_size=6) as clf:
         predictions = clf.predict_batch([image] * 7)
     assert [p.label for p in predictions] == ["d"] * 7 and all(p.ok for p in predictions)
+
+
+def test_a_runtime_failing_a_batch_raises_a_typed_error_with_its_message(tmp_path):
+    """onnxruntime raises its own exception types (Fail, InvalidArgument: neither a ValueError nor a
+    RuntimeError of ours); the call gets ModelRuntimeError, in the one error table, with the runtime's words."""
+    import onnx  # noqa: F401
+    from onnx import TensorProto, helper
+
+    from speciesclf import Classifier, Label, ModelRuntimeError, PreprocessSpec, create_bundle
+    from speciesclf.errors import error_body
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["means"], axes=[2, 3], keepdims=0),
+         helper.make_node("Reshape", ["means", "shape"], ["output"])],
+        "batch-of-one",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [1, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "one.onnx"
+    path.write_bytes(model.SerializeToString())
+    bundle = create_bundle(tmp_path / "b", model_file=path, labels=[Label(i, f"c{i}") for i in range(3)],
+                           name="one", version="1.0.0", preprocess=PreprocessSpec(size=32, resize=32), num_outputs=3)
+    pixels = np.full((40, 40, 3), 120, np.uint8)
+    with Classifier.load(bundle, device="cpu") as clf:
+        assert clf.predict(pixels).ok  # one image fits the graph's batch of one
+        with pytest.raises(ModelRuntimeError, match=r"one@1\.0\.0: the model's runtime failed on a batch of 3") as info:
+            clf.predict_batch([pixels] * 3)
+        assert "reshape" in str(info.value).lower()
+        assert error_body(info.value)["code"] == "model_error"
+        assert clf.predict(pixels).ok  # the classifier still works

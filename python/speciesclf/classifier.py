@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 
 from .bundle import BundleError
-from .errors import ImageError, ModelOutputError, error_body
+from .errors import GpuError, ImageError, ModelOutputError, ModelRuntimeError, error_body
 from .fetch import UrlPolicy
 from .postprocess import PostProcessor, top_k_indices
 from .preprocess import preprocess_batch
@@ -613,11 +613,18 @@ class Classifier:
         inputs = batch.array if len(good) == len(items) else batch.array[good]
         scores = outputs = embeddings = None
         if len(good):
-            if extras.embedding:
-                outputs, embeddings = engine.runtime.run_with_embedding(inputs)
+            try:
+                if extras.embedding:
+                    outputs, embeddings = engine.runtime.run_with_embedding(inputs)
+                else:
+                    outputs = engine.runtime.run(inputs)
+            except (GpuError, ModelRuntimeError):
+                raise
+            except Exception as e:  # the runtime's own types (onnxruntime's Fail, InvalidArgument, torch's ...)
+                raise ModelRuntimeError(f"{engine.ref}: the model's runtime failed on a batch of {len(good)} "
+                                        f"image(s): {type(e).__name__}: {e}") from e
+            if embeddings is not None:
                 embeddings = np.asarray(embeddings).reshape(len(good), -1)
-            else:
-                outputs = engine.runtime.run(inputs)
             engine.outputs.check_outputs(outputs)  # a model whose width the runtime could not tell at load
             scores = engine.post(outputs)
         inference_ms = (time.perf_counter() - start) * 1000 / max(len(good), 1)

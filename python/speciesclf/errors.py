@@ -25,6 +25,7 @@ __all__ = [
     "CudaUnavailableError",
     "GpuError",
     "ModelOutputError",
+    "ModelRuntimeError",
     "CodedError",
     "error_code",
     "error_status",
@@ -93,6 +94,11 @@ class GpuError(RuntimeError):
     """The GPU failed a whole batch (a CUDA error, out of device memory). Image errors stay per item."""
 
 
+class ModelRuntimeError(RuntimeError):
+    """The model's runtime failed a whole batch with an error of its own (for example onnxruntime refusing a
+    batch size the graph cannot take). The runtime's message is kept; no prediction is made up."""
+
+
 class ModelOutputError(RuntimeError):
     """The model's scores for one item are not finite numbers (NaN or infinity): a broken model or runtime,
     not a bad image. Reported on that item's prediction; the rest of the batch is unaffected."""
@@ -144,6 +150,7 @@ _CODES: dict[type[BaseException], tuple[str, int]] = {
     UrlNotAllowedError: ("url_not_allowed", 400),
     UrlFetchError: ("url_fetch_failed", 400),
     ModelOutputError: ("model_error", 500),
+    ModelRuntimeError: ("model_error", 500),
     CudaUnavailableError: ("cuda_unavailable", 500),
     GpuError: ("gpu_error", 500),
 }
