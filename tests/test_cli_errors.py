@@ -93,21 +93,9 @@ def test_an_error_while_classifying_is_one_line(capsys, tmp_path: Path, image: P
 def test_a_runtime_failing_mid_run_is_one_line(capsys, tmp_path: Path, image: Path):
     """A model that runs one image but fails on a batch (a Reshape to batch 1): onnxruntime raises its own
     exception types (Fail, InvalidArgument: none a ValueError or RuntimeError), still one line, no traceback."""
-    import onnx
-    from onnx import TensorProto, helper
+    from tiny_models import batch_of_one_onnx
 
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input"], ["means"], axes=[2, 3], keepdims=0),
-         helper.make_node("Reshape", ["means", "shape"], ["output"])],
-        "batch-of-one",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])],
-        [helper.make_tensor("shape", TensorProto.INT64, [2], [1, 3])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = tmp_path / "one.onnx"
-    path.write_bytes(model.SerializeToString())
+    path = batch_of_one_onnx(tmp_path / "one.onnx")
     bundle = create_bundle(tmp_path / "b", model_file=path, labels=[Label(i, f"c{i}") for i in range(3)],
                            name="one", version="1.0.0", preprocess=SPEC, num_outputs=3)
     rc = main(["classify", *[str(image)] * 4, "--model", str(bundle), "--threads", "1", "--quiet"])

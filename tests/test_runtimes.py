@@ -435,24 +435,12 @@ def test_valid_onnx_inputs_load_and_predict(tmp_path, shape, elem, spec):
 def test_a_runtime_failing_a_batch_raises_a_typed_error_with_its_message(tmp_path):
     """onnxruntime raises its own exception types (Fail, InvalidArgument: neither a ValueError nor a
     RuntimeError of ours); the call gets ModelRuntimeError, in the one error table, with the runtime's words."""
-    import onnx  # noqa: F401
-    from onnx import TensorProto, helper
+    from tiny_models import batch_of_one_onnx
 
     from speciesclf import Classifier, Label, ModelRuntimeError, PreprocessSpec, create_bundle
     from speciesclf.errors import error_body
 
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input"], ["means"], axes=[2, 3], keepdims=0),
-         helper.make_node("Reshape", ["means", "shape"], ["output"])],
-        "batch-of-one",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])],
-        [helper.make_tensor("shape", TensorProto.INT64, [2], [1, 3])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = tmp_path / "one.onnx"
-    path.write_bytes(model.SerializeToString())
+    path = batch_of_one_onnx(tmp_path / "one.onnx")
     bundle = create_bundle(tmp_path / "b", model_file=path, labels=[Label(i, f"c{i}") for i in range(3)],
                            name="one", version="1.0.0", preprocess=PreprocessSpec(size=32, resize=32), num_outputs=3)
     pixels = np.full((40, 40, 3), 120, np.uint8)

@@ -42,6 +42,18 @@ def _image_paths(paths: list[str], problems: list[str] | None = None) -> list[Pa
     return found
 
 
+def _found_images(args_paths: list[str]) -> tuple[list[Path], list[str]]:
+    """The images under ``args_paths`` and the problems met finding them (each printed as a warning), with an
+    error line when none is found."""
+    problems: list[str] = []
+    paths = _image_paths(args_paths, problems)
+    for problem in problems:
+        print(f"speciesclf: warning: {problem}", file=sys.stderr)
+    if not paths:
+        print("speciesclf: error: no images found", file=sys.stderr)
+    return paths, problems
+
+
 def _shown(path: Path | str) -> str:
     """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogates) as \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
@@ -138,12 +150,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from .preprocess import preprocess_batch
     from .spec import PreprocessSpec
 
-    problems: list[str] = []
-    paths = _image_paths(args.paths, problems)
-    for problem in problems:
-        print(f"speciesclf: warning: {problem}", file=sys.stderr)
+    paths, problems = _found_images(args.paths)
     if not paths:
-        print("speciesclf: error: no images found", file=sys.stderr)
         return 1
     spec = PreprocessSpec(size=args.size, resize=args.resize or None, dtype=args.dtype, layout=args.layout)
     start = time.perf_counter()
@@ -263,12 +271,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     from .classifier import Classifier
 
-    problems: list[str] = []
-    paths = _image_paths(args.paths, problems)
-    for problem in problems:
-        print(f"speciesclf: warning: {problem}", file=sys.stderr)
+    paths, problems = _found_images(args.paths)
     if not paths:
-        print("speciesclf: error: no images found", file=sys.stderr)
         return 1
     # Errors (no such model, no GPU, a model that is not valid ONNX, ...) reach _one_line_errors.
     clf = Classifier.load(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
