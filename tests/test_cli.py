@@ -198,8 +198,6 @@ def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 def test_every_option_has_help_and_shows_its_default():
     missing, no_default = [], []
     for path, parser in _subcommands(build_parser()):
-        if path[:1] == ("serve",):
-            continue  # the service's options are its own page's business (docs/serve.md)
         text = parser.format_help()
         for action in parser._actions:
             if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
@@ -207,7 +205,9 @@ def test_every_option_has_help_and_shows_its_default():
             name = " ".join(path) + " " + action.option_strings[-1]
             if not action.help:
                 missing.append(name)
-            if action.default not in (None, False, argparse.SUPPRESS):
+            if action.default in ([], ()):  # an empty repeatable option: nothing to show, and no "(default: )"
+                assert "(default: )" not in parser._get_formatter()._get_help_string(action), name
+            elif action.default not in (None, False, argparse.SUPPRESS):
                 shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
                 help_text = parser._get_formatter()._get_help_string(action) % vars(action)
                 if shown not in help_text or shown not in text:

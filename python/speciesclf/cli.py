@@ -354,7 +354,7 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (action.option_strings and default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
+        if (action.option_strings and default not in (None, False, argparse.SUPPRESS, [], ()) and "%(default)" not in text
                 and "default" not in text):
             shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
             text += f" (default: {shown})"
@@ -810,8 +810,9 @@ def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP (needs the 'serve' extra)")
     p.add_argument("--model", default="species100",
                    help="bundle path, registry reference or built-in model (default: species100)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (0.0.0.0 for every interface, as in a container)")
+    p.add_argument("--port", type=int, default=8000, help="the TCP port to listen on (0: any free port)")
     p.add_argument("--max-batch-size", type=int, help="images per inference call (default 16)")
     p.add_argument("--batches-in-flight", type=int,
                    help="batches decoded or inferred at once (default 1: one after another; 2 overlaps the "
