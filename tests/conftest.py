@@ -42,6 +42,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.shared)
 
 
+@pytest.fixture(scope="module")
+def home(shared_dir: Path, tmp_path_factory):
+    """The shared weights (SPECIESCLF_WEIGHTS) and a private SPECIESCLF_HOME, for a module's built-in models."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPECIESCLF_WEIGHTS", str(shared_dir / "models"))
+        mp.setenv("SPECIESCLF_HOME", str(tmp_path_factory.mktemp("home")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     root = shared_root()

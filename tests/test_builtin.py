@@ -17,14 +17,6 @@ pytestmark = pytest.mark.shared
 
 
 @pytest.fixture(scope="module")
-def home(shared_dir: Path, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPECIESCLF_WEIGHTS", str(shared_dir / "models"))
-        mp.setenv("SPECIESCLF_HOME", str(tmp_path_factory.mktemp("home")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def truth(shared_dir: Path) -> dict[str, int]:
     with open(shared_dir / "images" / "imagenet-samples" / "labels.csv", newline="") as f:
         return {row["file"]: int(row["class_index"]) for row in csv.DictReader(f)}

@@ -18,14 +18,6 @@ pytestmark = pytest.mark.shared
 
 
 @pytest.fixture(scope="module")
-def home(shared_dir: Path, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPECIESCLF_WEIGHTS", str(shared_dir / "models"))
-        mp.setenv("SPECIESCLF_HOME", str(tmp_path_factory.mktemp("home")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def weights(shared_dir: Path) -> Path:
     return shared_dir / "models" / "mobilenetv2-12-int8.onnx"
 
