@@ -77,7 +77,7 @@ def import_speciesclf(attempts: int = 10, delay: float = 3.0):
 
     def attempt():
         module = importlib.import_module("speciesclf")
-        backend = importlib.import_module("speciesclf._backend")
+        backend = importlib.import_module("speciesclf.preprocessing._backend")
         if not backend.native_available():
             raise ImportError(f"native extension not loaded: {backend.NATIVE_IMPORT_ERROR}")
         return module

@@ -5,7 +5,7 @@ Paths (each a loop written here, so that every row runs the same torch model at 
   python   speciesclf.preprocess_batch(batch, spec, backend="python", threads=T, out=preallocated) on the
            CPU, then the model on the CPU (fp32, torch.set_num_threads(T))
   native   the same with backend="native"
-  gpu      speciesclf.gpu.GpuPreprocessor(spec, device, max_batch)(batch).array: nvJPEG decode and the
+  gpu      speciesclf.preprocessing.gpu.GpuPreprocessor(spec, device, max_batch)(batch).array: nvJPEG decode and the
            fused resize/crop/normalise kernel, output in the model's dtype; then the model on the GPU.
            End to end it is pipelined as speciesclf's Classifier runs it: batch k+1 is preprocessed on a
            worker thread (the preprocessor's own stream, the other of two buffers) while batch k runs
@@ -135,14 +135,14 @@ def gpu_state(torch, scl, device: str) -> tuple[bool, str]:
         build = f"torch {torch.__version__}" + (" (CPU-only build)" if torch.version.cuda is None else "")
         return False, f"no CUDA device visible to {build}"
     try:
-        gpu = importlib.import_module("speciesclf.gpu")
+        gpu = importlib.import_module("speciesclf.preprocessing.gpu")
     except Exception as e:
-        return False, f"speciesclf.gpu not importable ({type(e).__name__}: {e})"
+        return False, f"speciesclf.preprocessing.gpu not importable ({type(e).__name__}: {e})"
     status = getattr(gpu, "cuda_status", None)
     if status is None:
-        return False, "speciesclf.gpu has no cuda_status()"
+        return False, "speciesclf.preprocessing.gpu has no cuda_status()"
     ok, why = status()
-    return (True, "") if ok else (False, f"speciesclf.gpu.cuda_status(): {why}")
+    return (True, "") if ok else (False, f"speciesclf.preprocessing.gpu.cuda_status(): {why}")
 
 
 def peer_state(torch, tv_io, device: str, sample: bytes) -> tuple[bool, str]:
@@ -735,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         pres["native"] = CpuPreprocess(scl, torch, cpu_spec, "native", args.threads, buffer)
     if "gpu" not in unavailable:
         try:
-            gpu_mod = importlib.import_module("speciesclf.gpu")
+            gpu_mod = importlib.import_module("speciesclf.preprocessing.gpu")
             pres["gpu"] = GpuPreprocess(gpu_mod, scl.PreprocessSpec(dtype=spec_dtype), device, max_batch)
         except Exception as e:
             unavailable["gpu"] = f"failed to set up: {type(e).__name__}: {e}"

@@ -169,11 +169,11 @@ if want build; then
   if [ $rc -eq 0 ]; then
     INSTALLED=1
     grep -E "speciesclf: " "$OUT/build.log" | sed 's/^ *//' | sort -u
-    (cd /tmp && "$PY" -c "import speciesclf, speciesclf.gpu as g; i = speciesclf.info(); print('installed:', speciesclf.__file__); print('codecs:', i.get('codecs'), '| cuda:', i.get('cuda')); print('cuda_status:', g.cuda_status())")
-    if (cd /tmp && "$PY" -c "import speciesclf.gpu as g, sys; sys.exit(0 if g.cuda_status()[0] else 1)"); then
+    (cd /tmp && "$PY" -c "import speciesclf, speciesclf.preprocessing.gpu as g; i = speciesclf.info(); print('installed:', speciesclf.__file__); print('codecs:', i.get('codecs'), '| cuda:', i.get('cuda')); print('cuda_status:', g.cuda_status())")
+    if (cd /tmp && "$PY" -c "import speciesclf.preprocessing.gpu as g, sys; sys.exit(0 if g.cuda_status()[0] else 1)"); then
       record build ok
     else
-      record build "FAILED: installed, but speciesclf.gpu.cuda_status() says the GPU path is not usable"
+      record build "FAILED: installed, but speciesclf.preprocessing.gpu.cuda_status() says the GPU path is not usable"
     fi
   else
     tail -40 "$OUT/build.log"

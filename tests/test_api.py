@@ -15,8 +15,8 @@ from PIL import Image
 
 import speciesclf
 from speciesclf import Batch, PreprocessSpec, preprocess_batch
-from speciesclf import _backend
-from speciesclf import preprocess as preprocess_module
+from speciesclf.preprocessing import _backend
+from speciesclf.preprocessing import preprocess as preprocess_module
 
 from conftest import REPO_ROOT
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import speciesclf.sources
+import speciesclf.sources.sources
 from speciesclf import (
     Classifier,
     ImageReadError,
@@ -105,7 +105,7 @@ def test_broken_http_answers_are_read_errors(answer):
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg"
     try:
         with pytest.raises(ImageReadError, match="cannot fetch"):
-            speciesclf.sources.to_image_source(url, max_bytes=1000,
+            speciesclf.sources.sources.to_image_source(url, max_bytes=1000,
                                                allow_urls=speciesclf.UrlPolicy(allow_networks=("127.0.0.1/32",)))
     finally:
         thread.join(5)

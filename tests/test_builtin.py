@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from speciesclf import Classifier
-from speciesclf.builtin import SPECIES100_UNKNOWN_MASS, species100_labels
+from speciesclf.model.builtin import SPECIES100_UNKNOWN_MASS, species100_labels
 
 pytestmark = pytest.mark.shared
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from speciesclf import bundle as bundle_mod
-from speciesclf.bundle import (
+from speciesclf.bundles import bundle as bundle_mod
+from speciesclf.bundles.bundle import (
     SCHEMA_VERSION,
     Bundle,
     BundleError,
@@ -25,7 +25,7 @@ from speciesclf.bundle import (
     read_labels,
     write_labels,
 )
-from speciesclf.spec import PreprocessSpec
+from speciesclf.preprocessing.spec import PreprocessSpec
 
 LABELS = [
     Label(0, "red fox", "Vulpes vulpes"),

@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from speciesclf import Classifier
-from speciesclf.bundle import (
+from speciesclf.bundles.bundle import (
     MAX_NUM_OUTPUTS,
     Bundle,
     BundleError,
@@ -32,10 +32,10 @@ from speciesclf.bundle import (
     read_labels,
 )
 from speciesclf.errors import ImageReadError, ImageTooLargeError
-from speciesclf.inputs import read_file
-from speciesclf.registry import Registry, RegistryError
-from speciesclf.runtimes import ModelLoadError, load_runtime
-from speciesclf.spec import MAX_SIZE, PreprocessSpec
+from speciesclf.preprocessing.inputs import read_file
+from speciesclf.bundles.registry import Registry, RegistryError
+from speciesclf.model.runtimes import ModelLoadError, load_runtime
+from speciesclf.preprocessing.spec import MAX_SIZE, PreprocessSpec
 
 # A small input keeps every model run cheap; the models below average over the pixels anyway.
 SPEC = PreprocessSpec(size=32, resize=None)
@@ -382,7 +382,7 @@ def test_read_file_counts_the_bytes_it_reads(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("ref", ["species100@", "species100@latest", "imagenet1k@2.0.0", "species100@1.0.0\n",
                                  "species100@@1.0.0"])
 def test_builtin_references_are_parsed_strictly(ref: str):
-    from speciesclf.builtin import builtin_bundle
+    from speciesclf.model.builtin import builtin_bundle
 
     with pytest.raises(RegistryError):
         builtin_bundle(ref)
@@ -450,7 +450,7 @@ def test_nan_scores_fail_their_image_alone(tmp_path: Path):
 
 
 def test_postprocessor_flags_rows_that_are_not_finite():
-    from speciesclf.postprocess import PostProcessor
+    from speciesclf.model.postprocess import PostProcessor
 
     outputs = np.array([[1.0, 2.0], [np.nan, 0.0], [np.inf, 1.0], [-np.inf, 1.0]])
     for kind in ("logits", "probabilities"):

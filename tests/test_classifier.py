@@ -17,11 +17,11 @@ from PIL import Image
 
 from speciesclf import Classifier, Prediction
 from speciesclf.errors import ImageReadError, InvalidImageError, UnsupportedFormatError, UrlNotAllowedError
-from speciesclf.fetch import UrlPolicy
+from speciesclf.sources.fetch import UrlPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speciesclf.postprocess import PostProcessor, top_k_indices
+from speciesclf.model.postprocess import PostProcessor, top_k_indices
 
 pytestmark = pytest.mark.shared
 
@@ -299,7 +299,7 @@ def test_thumbnails_are_made_in_notebooks_only(model_file: Path, sample_photos, 
 
 
 def test_a_list_of_predictions_renders_as_a_grid(model_file: Path, sample_photos):
-    from speciesclf.classifier import Predictions
+    from speciesclf.model.classifier import Predictions
 
     with Classifier.load(model_file, labels="imagenet1k", thumbnails=True) as clf:
         predictions = clf.predict_batch(sample_photos[:5] + [b""])
@@ -319,7 +319,7 @@ def test_raw_model_needs_labels(model_file: Path):
 
 def test_bundles_registry_and_zip(model_file: Path, sample_photos, tmp_path):
     from speciesclf import Label, Registry, UnknownRule, create_bundle
-    from speciesclf.builtin import imagenet_labels
+    from speciesclf.model.builtin import imagenet_labels
 
     names = {label.index: label.name for label in imagenet_labels()}
     fish = [Label(i, names[i]) for i in (0, 1, 2, 3, 4)]  # tench, goldfish, great white, tiger shark, hammerhead

@@ -22,9 +22,9 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from speciesclf import Classifier, __version__
-from speciesclf.bundle import Label, UnknownRule, create_bundle
+from speciesclf.bundles.bundle import Label, UnknownRule, create_bundle
 from speciesclf.cli import build_parser, main
-from speciesclf.spec import PreprocessSpec
+from speciesclf.preprocessing.spec import PreprocessSpec
 
 SPEC = PreprocessSpec(size=16, resize=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 CLASSES = ["red thing", "green thing", "a blue thing with a rather long name"]

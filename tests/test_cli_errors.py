@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from speciesclf import Classifier
-from speciesclf.bundle import Label, create_bundle
+from speciesclf.bundles.bundle import Label, create_bundle
 from speciesclf.cli import main
-from speciesclf.spec import PreprocessSpec
+from speciesclf.preprocessing.spec import PreprocessSpec
 
 SPEC = PreprocessSpec(size=32, resize=None)
 

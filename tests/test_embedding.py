@@ -12,7 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from speciesclf import Classifier, Label, PreprocessSpec, create_bundle, preprocess_batch
-from speciesclf.builtin import MOBILENET_EMBEDDING
+from speciesclf.model.builtin import MOBILENET_EMBEDDING
 
 pytestmark = pytest.mark.shared
 
@@ -87,7 +87,7 @@ def test_embeddings_find_photos_of_the_same_species(home, shared_dir):
 
 
 def test_the_embedding_output_is_added_once(home, monkeypatch):
-    import speciesclf.builtin as builtin
+    import speciesclf.model.builtin as builtin
 
     Classifier.load("species100").close()  # assembled (with its embedding output) on first use
 
@@ -95,14 +95,14 @@ def test_the_embedding_output_is_added_once(home, monkeypatch):
         raise AssertionError("the graph was edited again")
 
     builtin._edited_weights.cache_clear()
-    monkeypatch.setattr("speciesclf.runtimes.onnx_graph.add_output", refuse)
+    monkeypatch.setattr("speciesclf.model.runtimes.onnx_graph.add_output", refuse)
     with Classifier.load("species100") as clf:
         assert clf.predict(np.zeros((64, 64, 3), np.uint8), return_embedding=True).embedding.shape == (1280,)
 
 
 def test_a_bundle_names_its_embedding_output(home, weights, tmp_path, sample_photos):
     from speciesclf import BundleError
-    from speciesclf.runtimes.onnx_graph import add_output
+    from speciesclf.model.runtimes.onnx_graph import add_output
 
     edited = tmp_path / "with-features.onnx"
     edited.write_bytes(add_output(weights.read_bytes(), name="features", **MOBILENET_EMBEDDING))

@@ -12,8 +12,8 @@ import pytest
 import speciesclf
 from speciesclf import errors
 from speciesclf.errors import CodedError, error_body, error_code, error_status, error_table
-from speciesclf.models.weights import WeightsError
-from speciesclf.runtimes import ModelLoadError
+from speciesclf.model.weights import WeightsError
+from speciesclf.model.runtimes import ModelLoadError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "serve.md"
 

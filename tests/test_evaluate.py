@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from speciesclf import Classifier
-from speciesclf.bundle import Label, UnknownRule, create_bundle
+from speciesclf.bundles.bundle import Label, UnknownRule, create_bundle
 from speciesclf.cli import main
 from speciesclf.evaluate import Dataset, DatasetError, evaluate, load_dataset, normalize_class_name
 from test_cli import CLASSES, SPEC, colour_model

@@ -1,4 +1,4 @@
-"""speciesclf.fetch, the one URL fetcher (Classifier URL inputs, the service's {"url": ...}, the weights
+"""speciesclf.sources.fetch, the one URL fetcher (Classifier URL inputs, the service's {"url": ...}, the weights
 download): the address checks, the policy, the asyncio client (resolver and connector injected, so no real
 DNS), the blocking calls, and Classifier.predict(url) against a local origin on 127.0.0.1.
 
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import speciesclf
 from speciesclf.errors import ImageError, PayloadTooLargeError, UrlFetchError, UrlNotAllowedError
-from speciesclf.fetch import UrlFetcher, UrlPolicy, address_refusal, fetch_bytes, host_allowed
+from speciesclf.sources.fetch import UrlFetcher, UrlPolicy, address_refusal, fetch_bytes, host_allowed
 from url_origin import FakeDNS, Origin, certificate, jpeg, record_connects
 
 REPO = Path(__file__).resolve().parent.parent
@@ -433,10 +433,10 @@ _PACKAGE = REPO / "python" / "speciesclf"
 # in _formats.py, the Python twin of the native core, and nowhere else.
 _ONE_PLACE = {
     "an HTTP client": (r"urllib\.request|http\.client|open_connection|getaddrinfo|import (requests|httpx|aiohttp)",
-                       {"fetch.py"}),
-    "a base64 decoder": (r"b64decode|a2b_base64|base64\.decode", {"sources.py"}),
-    "a JPEG marker walker": (r"jpeg_markers|0xC0 <=|0xC4, 0xC8", {"_formats.py"}),
-    "a header reader": (r"IHDR|VP8|unpack_from\(\"[<>](HH|II|ii)\"", {"_formats.py"}),
+                       {"sources/fetch.py"}),
+    "a base64 decoder": (r"b64decode|a2b_base64|base64\.decode", {"sources/sources.py"}),
+    "a JPEG marker walker": (r"jpeg_markers|0xC0 <=|0xC4, 0xC8", {"preprocessing/_formats.py"}),
+    "a header reader": (r"IHDR|VP8|unpack_from\(\"[<>](HH|II|ii)\"", {"preprocessing/_formats.py"}),
 }
 
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import speciesclf
-from speciesclf import _formats
+from speciesclf.preprocessing import _formats
 from speciesclf import PreprocessSpec, preprocess_batch
 from reference import to_pixels
 

@@ -18,9 +18,9 @@ from PIL import Image, ImageOps
 
 import speciesclf
 from speciesclf import PreprocessSpec, preprocess_batch
-from speciesclf._backend import _native
-from speciesclf.preprocess import _DTYPE_CODES, _FILTER_CODES, _LAYOUT_CODES
-from speciesclf.spec import bfloat16_bits
+from speciesclf.preprocessing._backend import _native
+from speciesclf.preprocessing.preprocess import _DTYPE_CODES, _FILTER_CODES, _LAYOUT_CODES
+from speciesclf.preprocessing.spec import bfloat16_bits
 
 pytestmark = pytest.mark.skipif(_native is None, reason="the native module is not built")
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from speciesclf import PreprocessSpec, preprocess_batch
-from speciesclf.gpu import cuda_status
+from speciesclf.preprocessing.gpu import cuda_status
 
 USABLE, WHY = cuda_status()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not USABLE, reason=f"no usable GPU: {WHY}")]
@@ -54,7 +54,7 @@ def encode(array: np.ndarray, fmt: str, **options) -> bytes:
 
 @pytest.fixture(scope="module")
 def gpu():
-    from speciesclf.gpu import GpuPreprocessor
+    from speciesclf.preprocessing.gpu import GpuPreprocessor
 
     with GpuPreprocessor(PreprocessSpec()) as pre:
         yield pre
@@ -161,7 +161,7 @@ def test_steady_state_allocates_nothing(gpu, photo_bytes: list[bytes]) -> None:
 
 
 def test_threads_with_their_own_preprocessors(photo_bytes: list[bytes]) -> None:
-    from speciesclf.gpu import GpuPreprocessor
+    from speciesclf.preprocessing.gpu import GpuPreprocessor
 
     expected = to_numpy(preprocess_batch(photo_bytes[:32], device="cuda").array)
     results, errors = {}, []

@@ -8,7 +8,7 @@ import pytest
 
 import speciesclf
 from speciesclf import CudaUnavailableError, PreprocessSpec, preprocess_batch
-from speciesclf import _cuda
+from speciesclf.preprocessing import _cuda
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler on this machine")
@@ -94,7 +94,7 @@ def test_output_capsule_checks() -> None:
     # run()'s DLPack checks, exercised with CPU tensors (device type 1) since there may be no GPU here.
     import torch
 
-    from speciesclf.preprocess import _DTYPE_CODES
+    from speciesclf.preprocessing.preprocess import _DTYPE_CODES
 
     native = _cuda.native_cuda()
 
@@ -152,14 +152,14 @@ def test_bad_gpu_arguments_are_value_errors_on_any_machine(kwargs: dict, message
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:12", 0, 3])
 def test_cuda_device_names_that_pass_the_check(device) -> None:
-    from speciesclf.gpu import check_cuda_device
+    from speciesclf.preprocessing.gpu import check_cuda_device
 
     check_cuda_device(device)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:", "cuda:1:2", "CUDA", -1, True, None, 1.0])
 def test_cuda_device_names_that_fail_the_check(device) -> None:
-    from speciesclf.gpu import check_cuda_device
+    from speciesclf.preprocessing.gpu import check_cuda_device
 
     with pytest.raises(ValueError, match="device"):
         check_cuda_device(device)

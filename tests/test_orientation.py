@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from speciesclf import PreprocessSpec, _formats, preprocess_batch
+from speciesclf import PreprocessSpec, preprocess_batch
+from speciesclf.preprocessing import _formats
 from test_formats import (
     BACKENDS,
     assert_close,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from speciesclf.bundle import Bundle, Label, create_bundle
-from speciesclf.registry import Registry, RegistryError, default_home
+from speciesclf.bundles.bundle import Bundle, Label, create_bundle
+from speciesclf.bundles.registry import Registry, RegistryError, default_home
 
 LABELS = [Label(0, "red fox", "Vulpes vulpes"), Label(1, "badger", "Meles meles")]
 
@@ -202,7 +202,7 @@ def test_stale_staging_is_cleaned_but_live_staging_is_not(registry: Registry, tm
 _REGISTER = textwrap.dedent(
     """
     import sys
-    from speciesclf.registry import Registry, RegistryError
+    from speciesclf.bundles.registry import Registry, RegistryError
     root, path = sys.argv[1], sys.argv[2]
     print("ready", flush=True)
     sys.stdin.readline()
@@ -308,7 +308,7 @@ def test_two_processes_register_the_same_version(registry: Registry, tmp_path: P
 _ALIASES = textwrap.dedent(
     """
     import sys
-    from speciesclf.registry import Registry
+    from speciesclf.bundles.registry import Registry
     root, tag = sys.argv[1], sys.argv[2]
     print("ready", flush=True)
     sys.stdin.readline()
@@ -405,7 +405,7 @@ _WRITE_UNDER_UMASK = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     os.umask(int(sys.argv[1], 8))
-    from speciesclf.registry import Registry
+    from speciesclf.bundles.registry import Registry
     registry = Registry(sys.argv[2])
     registry.register(sys.argv[3], aliases=["production"])
     registry.set_alias("fox-net", "staging", "1.0.0")

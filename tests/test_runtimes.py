@@ -184,7 +184,7 @@ def test_bundle_of_a_plugin_format_without_the_plugin_says_so(tmp_path):
 def test_onnx_runtime_runs_large_batches_in_slices(shared_dir):
     # Slicing and side-by-side runs are speed choices only: the outputs must be those of one run over the
     # whole batch, in the same order.
-    from speciesclf.runtimes.ort import OnnxRuntime
+    from speciesclf.model.runtimes.ort import OnnxRuntime
 
     model = shared_dir / "models" / "mobilenetv2-12-int8.onnx"
     whole = OnnxRuntime(model, device="cpu", threads=2, run_batch=0, parallel_runs=False)
@@ -205,7 +205,7 @@ def test_onnx_runtime_runs_large_batches_in_slices(shared_dir):
 
 
 def test_onnx_side_by_side_runs_are_on_for_small_models_only(shared_dir, monkeypatch):
-    from speciesclf.runtimes import ort as ort_runtime
+    from speciesclf.model.runtimes import ort as ort_runtime
 
     model = shared_dir / "models" / "mobilenetv2-12-int8.onnx"
     assert ort_runtime.OnnxRuntime(model, device="cpu", threads=2)._single_thread is not None
@@ -221,7 +221,7 @@ def test_onnx_side_by_side_runs_are_on_for_small_models_only(shared_dir, monkeyp
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_onnx_side_by_side_runs_work_in_a_forked_child(shared_dir):
     # The parent's lane threads do not exist in a child: a pool copied with the process would wait forever.
-    from speciesclf.runtimes.ort import OnnxRuntime
+    from speciesclf.model.runtimes.ort import OnnxRuntime
 
     runtime = OnnxRuntime(shared_dir / "models" / "mobilenetv2-12-int8.onnx", device="cpu", threads=2)
     batch = np.random.default_rng(1).normal(size=(4, 3, 224, 224)).astype(np.float32)
@@ -273,7 +273,7 @@ def test_models_with_a_fixed_batch_size_take_any_batch(tmp_path, fixed, parallel
 @pytest.mark.parametrize("fixed", [None, 2])
 @pytest.mark.parametrize("parallel_runs", [True, False])
 def test_an_empty_batch_gives_empty_outputs(tmp_path, fixed, parallel_runs):
-    from speciesclf.runtimes.ort import OnnxRuntime
+    from speciesclf.model.runtimes.ort import OnnxRuntime
 
     if fixed is None:
         model = _fixed_batch_model(tmp_path / "m.onnx", 1)
@@ -292,7 +292,7 @@ def test_an_empty_batch_gives_empty_outputs(tmp_path, fixed, parallel_runs):
 
 def test_side_by_side_runs_survive_a_pool_that_was_shut_down(shared_dir):
     # As at interpreter exit, when the executor refuses new work: the parts then run in the calling thread.
-    from speciesclf.runtimes.ort import OnnxRuntime
+    from speciesclf.model.runtimes.ort import OnnxRuntime
 
     runtime = OnnxRuntime(shared_dir / "models" / "mobilenetv2-12-int8.onnx", device="cpu", threads=2)
     batch = np.random.default_rng(2).normal(size=(4, 3, 224, 224)).astype(np.float32)
@@ -380,8 +380,8 @@ def test_torchscript_input_is_probed_at_load(exported):
 
 def test_check_model_io_is_callable_on_its_own(exported):
     from speciesclf import ModelInputError
-    from speciesclf.classifier import check_model_io
-    from speciesclf.runtimes import load_runtime
+    from speciesclf.model.classifier import check_model_io
+    from speciesclf.model.runtimes import load_runtime
 
     runtime = load_runtime(exported["onnx"], "onnx", device="cpu")
     check_model_io(runtime, PreprocessSpec())

@@ -24,8 +24,8 @@ from PIL import Image  # noqa: E402
 
 from serve_server import LiveServer  # noqa: E402
 from speciesclf.serve import ServeConfig, create_app  # noqa: E402
-from speciesclf.decoding import image_size  # noqa: E402
-from speciesclf.fetch import host_allowed  # noqa: E402
+from speciesclf.preprocessing.decoding import image_size  # noqa: E402
+from speciesclf.sources.fetch import host_allowed  # noqa: E402
 from speciesclf.serve._fetch import ServiceFetcher  # noqa: E402
 from speciesclf.serve.app import _REQUEST_ID  # noqa: E402
 from speciesclf.serve._images import ApiError, check_image  # noqa: E402

@@ -1,5 +1,5 @@
 """URL inputs of the HTTP service: its url_* settings, the service's use of the library's one fetcher
-(speciesclf.fetch, tested on its own in tests/test_fetch.py), and the live server fetching from a local
+(speciesclf.sources.fetch, tested on its own in tests/test_fetch.py), and the live server fetching from a local
 origin server on 127.0.0.1 that misbehaves on purpose."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The label tables shipped in ``speciesclf.models``: ``imagenet1k.tsv`` and the ``species100.tsv`` subset.
+"""The label tables shipped in ``speciesclf.model`` (``labels/``): ``imagenet1k.tsv`` and the ``species100.tsv`` subset.
 
 species100 is 100 distinct animal species, each an ImageNet-1k class among the animals (indices 0-397),
 spread over the main groups of animals. The group of every row is pinned here, so that a change to the
@@ -58,7 +58,7 @@ GROUPS = {
 
 
 def _read(name: str) -> tuple[list[str], list[dict[str, str]]]:
-    text = importlib.resources.files("speciesclf.models").joinpath(name).read_text(encoding="utf-8")
+    text = importlib.resources.files("speciesclf.model").joinpath("labels", name).read_text(encoding="utf-8")
     reader = csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
     rows = list(reader)
     return list(reader.fieldnames or []), rows

@@ -1,4 +1,4 @@
-"""speciesclf.models.weights: finding, verifying and downloading the pinned weights.
+"""speciesclf.model.weights: finding, verifying and downloading the pinned weights.
 
 Everything runs offline against a local HTTP server on 127.0.0.1 that serves a small random payload under
 a fake WeightsSpec; only the `shared` test touches the real model, through $SPECIESCLF_WEIGHTS.
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from speciesclf import fetch
-from speciesclf.fetch import UrlPolicy
-from speciesclf.models import weights as W
-from speciesclf.models.weights import MOBILENETV2_INT8, WeightsError, WeightsSpec, cache_dir, weights_path
+from speciesclf.sources import fetch
+from speciesclf.sources.fetch import UrlPolicy
+from speciesclf.model import weights as W
+from speciesclf.model.weights import MOBILENETV2_INT8, WeightsError, WeightsSpec, cache_dir, weights_path
 from url_origin import record_connects
 
 # The test server listens on loopback, which downloads refuse unless their policy allows it.

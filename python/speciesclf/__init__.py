@@ -3,14 +3,14 @@
 :class:`Classifier` loads a model (a bundle, a registry reference, a built-in model or a raw model file)
 and answers with :class:`Prediction` objects. Underneath, the preprocessing core (:func:`decode`,
 :func:`preprocess_batch` under a :class:`PreprocessSpec`) runs in a native C++ extension
-(``speciesclf._native``) or its pure-Python twin; ``device="cuda"`` runs it on a GPU (:mod:`speciesclf.gpu`,
+(``speciesclf._native``) or its pure-Python twin; ``device="cuda"`` runs it on a GPU (:mod:`speciesclf.preprocessing.gpu`,
 loaded on first use).
 """
 
 from ._version import __version__
-from .bundle import Bundle, BundleError, Label, Manifest, UnknownRule, create_bundle
-from .classifier import Classifier, Prediction, Predictions
-from .decoding import decode
+from .bundles.bundle import Bundle, BundleError, Label, Manifest, UnknownRule, create_bundle
+from .model.classifier import Classifier, Prediction, Predictions
+from .preprocessing.decoding import decode
 from .errors import (
     CudaUnavailableError,
     DecodeError,
@@ -29,12 +29,13 @@ from .errors import (
     UrlFetchError,
     UrlNotAllowedError,
 )
-from .fetch import UrlPolicy
+from .sources.fetch import UrlPolicy
 from .info import build_info, info
-from .preprocess import Batch, preprocess_batch
-from .registry import Registry, RegistryError
-from .runtimes import ModelInputError
-from .spec import PreprocessSpec
+from .preprocessing.preprocess import Batch, preprocess_batch
+from .bundles.registry import Registry, RegistryError
+from .model.protocol import Predictor
+from .model.runtimes import ModelInputError
+from .preprocessing.spec import PreprocessSpec
 
 __all__ = [
     "__version__",
@@ -58,6 +59,7 @@ __all__ = [
     "Label",
     "Manifest",
     "PayloadTooLargeError",
+    "Predictor",
     "Prediction",
     "Predictions",
     "PreprocessSpec",

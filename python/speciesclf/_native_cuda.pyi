@@ -1,4 +1,4 @@
-# Stubs for the private CUDA module; use speciesclf.gpu instead.
+# Stubs for the private CUDA module; use speciesclf.preprocessing.gpu instead.
 from typing import Any
 
 class CudaError(RuntimeError): ...

@@ -147,8 +147,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .errors import error_body
-    from .preprocess import preprocess_batch
-    from .spec import PreprocessSpec
+    from .preprocessing.preprocess import preprocess_batch
+    from .preprocessing.spec import PreprocessSpec
 
     paths, problems = _found_images(args.paths)
     if not paths:
@@ -269,7 +269,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     import json
     import shutil
 
-    from .classifier import Classifier
+    from .model.classifier import Classifier
 
     paths, problems = _found_images(args.paths)
     if not paths:
@@ -321,7 +321,7 @@ def _thresholds(text: str) -> list[float]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .classifier import Classifier
+    from .model.classifier import Classifier
     from .evaluate import evaluate, load_dataset
 
     if args.per_class == "all":
@@ -387,7 +387,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``speciesclf`` argument parser (every subcommand)."""
     from ._version import __version__
-    from .classifier import Classifier
+    from .model.classifier import Classifier
     import inspect
 
     parser = _Parser(prog="speciesclf", description="Image classification as a component.")
@@ -487,8 +487,8 @@ def _index_list(text: str) -> list[int]:
 
 
 def _cmd_bundle_create(args: argparse.Namespace) -> int:
-    from .bundle import UnknownRule, create_bundle
-    from .spec import PreprocessSpec
+    from .bundles.bundle import UnknownRule, create_bundle
+    from .preprocessing.spec import PreprocessSpec
 
     spec_args = {
         "size": args.size,
@@ -565,7 +565,7 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
     tampered bundle is shown (what it claims to be helps to find out what happened) and the command fails."""
     import json
 
-    from .bundle import Bundle, BundleError
+    from .bundles.bundle import Bundle, BundleError
 
     with Bundle.open(args.path, verify=False) as bundle:
         try:
@@ -585,7 +585,7 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle_verify(args: argparse.Namespace) -> int:
-    from .bundle import Bundle
+    from .bundles.bundle import Bundle
 
     with Bundle.open(args.path, verify=True) as bundle:
         digest = bundle.manifest.model_sha256
@@ -602,7 +602,7 @@ def _cmd_bundle_verify(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace):
-    from .registry import Registry
+    from .bundles.registry import Registry
 
     return Registry(getattr(args, "root", None))
 
@@ -659,7 +659,7 @@ def _cmd_registry_delete(args: argparse.Namespace) -> int:
 
 
 def _add_bundle_registry_commands(sub) -> None:
-    from .spec import PreprocessSpec
+    from .preprocessing.spec import PreprocessSpec
 
     defaults = PreprocessSpec()
 
@@ -717,7 +717,7 @@ def _add_bundle_registry_commands(sub) -> None:
     p.set_defaults(run=_one_line_errors(_cmd_bundle_verify))
 
     # --root is accepted both before and after the registry subcommand.
-    root_help = "registry root (default: $SPECIESCLF_HOME/registry, see speciesclf.registry.default_home)"
+    root_help = "registry root (default: $SPECIESCLF_HOME/registry, see speciesclf.bundles.registry.default_home)"
     registry = sub.add_parser("registry", help="the local bundle registry: versions and aliases")
     registry.add_argument("--root", default=None, help=root_help)
     common = argparse.ArgumentParser(add_help=False)

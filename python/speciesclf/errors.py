@@ -78,7 +78,7 @@ class ImageReadError(ImageError, OSError):
 class UrlNotAllowedError(ImageError, ValueError):
     """A URL refused before anything was fetched from it: URL inputs are off, or its scheme, host,
     credentials, or an address it (or a redirect) resolves to is not allowed by the
-    :class:`~speciesclf.fetch.UrlPolicy`. Nothing was connected to."""
+    :class:`~speciesclf.sources.fetch.UrlPolicy`. Nothing was connected to."""
 
 
 class UrlFetchError(ImageReadError):
@@ -162,10 +162,10 @@ def _table() -> dict[type[BaseException], tuple[str, int]]:
     # The errors of modules that import this one are listed on first use, not at import (no import cycle).
     global _OTHER_MODULES_LISTED
     if not _OTHER_MODULES_LISTED:
-        from .bundle import BundleError
-        from .models.weights import WeightsError
-        from .registry import RegistryError
-        from .runtimes import ModelLoadError
+        from .bundles.bundle import BundleError
+        from .model.weights import WeightsError
+        from .bundles.registry import RegistryError
+        from .model.runtimes import ModelLoadError
 
         _CODES.update({
             BundleError: ("bundle_error", 500),

@@ -354,7 +354,7 @@ def evaluate(model: Any, dataset: Dataset | str | os.PathLike, *, match: Literal
     take ``output_indices=``. ``thresholds`` default to :data:`DEFAULT_THRESHOLDS`.
     """
     if isinstance(model, (str, os.PathLike)):
-        from .classifier import Classifier
+        from .model.classifier import Classifier
 
         with Classifier.load(model, batch_size=batch_size or 64) as classifier:
             return evaluate(classifier, dataset, match=match, thresholds=thresholds, progress=progress,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from . import _backend, _cuda
+from .preprocessing import _backend, _cuda
 from .errors import CudaUnavailableError
 from ._version import __version__
 

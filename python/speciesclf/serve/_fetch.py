@@ -1,4 +1,4 @@
-"""URL inputs of the service: the library's one URL fetcher (:mod:`speciesclf.fetch`) under the
+"""URL inputs of the service: the library's one URL fetcher (:mod:`speciesclf.sources.fetch`) under the
 ServeConfig's ``url_*`` settings, awaited on the service's event loop, its errors answered through the one
 error table. Only the request's deadline is the service's own business here."""
 
@@ -8,14 +8,14 @@ import asyncio
 from typing import Any
 
 from ..errors import ImageError
-from ..fetch import UrlFetcher, UrlPolicy
+from ..sources.fetch import UrlFetcher, UrlPolicy
 from ._images import ApiError, error_for_prediction
 
 __all__ = ["ServiceFetcher", "url_policy"]
 
 
 def url_policy(config: Any) -> UrlPolicy:
-    """The :class:`~speciesclf.fetch.UrlPolicy` of a :class:`~speciesclf.serve.ServeConfig`."""
+    """The :class:`~speciesclf.sources.fetch.UrlPolicy` of a :class:`~speciesclf.serve.ServeConfig`."""
     return UrlPolicy(allow_hosts=config.url_allow_hosts, allow_networks=config.url_allow_networks,
                      connect_timeout_s=config.url_connect_timeout_s, read_timeout_s=config.url_read_timeout_s,
                      timeout_s=config.url_timeout_s, max_redirects=config.url_max_redirects,
@@ -24,7 +24,7 @@ def url_policy(config: Any) -> UrlPolicy:
 
 class ServiceFetcher:
     """Fetches ``{"url": ...}`` inputs. Create it on the serving loop (its concurrency bound belongs to it);
-    ``injected`` (resolver, connector, ssl_context) goes to :class:`~speciesclf.fetch.UrlFetcher`."""
+    ``injected`` (resolver, connector, ssl_context) goes to :class:`~speciesclf.sources.fetch.UrlFetcher`."""
 
     def __init__(self, config: Any, **injected: Any):
         self.fetcher = UrlFetcher(url_policy(config), max_concurrent=config.url_max_concurrent, **injected)

@@ -4,8 +4,8 @@ one encoded image before it is queued (format sniffed, size from the header)."""
 
 from __future__ import annotations
 
-from .._formats import sniff_format
-from ..decoding import image_size
+from ..preprocessing._formats import sniff_format
+from ..preprocessing.decoding import image_size
 from ..errors import (
     CodedError,
     EmptyInputError,
@@ -16,7 +16,7 @@ from ..errors import (
     error_body,
     error_status,
 )
-from ..sources import decode_base64 as _decode_base64
+from ..sources.sources import decode_base64 as _decode_base64
 
 __all__ = ["ApiError", "decode_base64", "check_image", "error_for_prediction"]
 

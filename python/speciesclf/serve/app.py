@@ -251,7 +251,7 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
 
 
 async def _load(state: _State) -> None:
-    from ..classifier import Classifier
+    from ..model.classifier import Classifier
 
     loop = asyncio.get_running_loop()
     try:
@@ -285,7 +285,7 @@ async def _load(state: _State) -> None:
 
 
 def _load_classifier(source: Any):
-    from ..classifier import Classifier
+    from ..model.classifier import Classifier
 
     # The runtime shares this process's cores with the event loop and image decoding: ONNX Runtime's
     # busy-waiting intra-op threads would take CPU from them between ops (measured: slower per image once

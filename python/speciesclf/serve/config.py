@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from ..fetch import host_pattern
-from ..spec import DEFAULT_MAX_PIXELS
+from ..sources.fetch import host_pattern
+from ..preprocessing.spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["ServeConfig"]
 
@@ -125,7 +125,7 @@ class ServeConfig:
 
 
 def _host_pattern(given: str) -> str:
-    """An allowlist entry in the form URL hosts are matched in (see :func:`speciesclf.fetch.host_pattern`)."""
+    """An allowlist entry in the form URL hosts are matched in (see :func:`speciesclf.sources.fetch.host_pattern`)."""
     try:
         return host_pattern(given)
     except ValueError as e:

@@ -225,6 +225,8 @@ class PredictionBody(_Body):
     model: str = Field(description="name@version")
     timings: dict[str, float] = Field(description="decode_ms, preprocess_ms, inference_ms")
     error: ErrorDetail | None = Field(description="null in a prediction the service answers")
+    arm: Literal["primary", "candidate"] | None = Field(
+        default=None, description="with a rollout: which version answered, the primary or the candidate")
 
 
 class BatchResponse(_Body):

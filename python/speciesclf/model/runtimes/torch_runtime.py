@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import BundleError
+from ...bundles.bundle import BundleError
 
 __all__ = ["TorchRuntime"]
 
@@ -83,7 +83,7 @@ class TorchRuntime:
             raise ValueError("this model declares no embedding output")
         outputs = self._run(batch)
         if len(outputs) < 2:
-            from ..bundle import BundleError
+            from ...bundles.bundle import BundleError
 
             raise BundleError("manifest.embedding_output: the torch model returns one tensor; a model with an "
                               "embedding returns (scores, embedding)")

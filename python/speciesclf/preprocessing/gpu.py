@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _backend, _cuda
 from ._cuda import cuda_status
-from .errors import CODEC_UNAVAILABLE, CudaUnavailableError, GpuError, ImageError, error_from_status
+from ..errors import CODEC_UNAVAILABLE, CudaUnavailableError, GpuError, ImageError, error_from_status
 from .inputs import ImageInput, as_source
 from .preprocess import _DTYPE_CODES, _FILTER_CODES, _LAYOUT_CODES, Batch, torch_dtype
 from .spec import PreprocessSpec

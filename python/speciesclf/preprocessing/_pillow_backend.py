@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from . import _formats
-from .errors import DecodeError, EmptyInputError, ImageError, ImageTooLargeError, UnsupportedFormatError
+from ..errors import DecodeError, EmptyInputError, ImageError, ImageTooLargeError, UnsupportedFormatError
 from .spec import PreprocessSpec, normalization_lut, plan_geometry
 
 _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}

@@ -10,7 +10,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .spec import PreprocessSpec
+from ..preprocessing.spec import PreprocessSpec
 
 __all__ = ["BUILTIN_MODELS", "builtin_bundle", "imagenet_labels", "species100_labels"]
 
@@ -34,32 +34,32 @@ MOBILENET_EMBEDDING = dict(tensor="472_quantized", scale="464_scale", zero_point
 
 
 def _data_file(name: str) -> Path:
-    return Path(str(importlib.resources.files("speciesclf.models").joinpath(name)))
+    return Path(str(importlib.resources.files("speciesclf.model").joinpath("labels", name)))
 
 
 def imagenet_labels() -> list:
-    from .bundle import read_labels
+    from ..bundles.bundle import read_labels
 
     return read_labels(_data_file("imagenet1k.tsv"))
 
 
 def species100_labels() -> list:
-    from .bundle import read_labels
+    from ..bundles.bundle import read_labels
 
     return read_labels(_data_file("species100.tsv"))
 
 
 def _home() -> Path:
-    from .registry import default_home
+    from ..bundles.registry import default_home
 
     return default_home()
 
 
 def builtin_bundle(ref: str):
     """The bundle of a built-in model (``species100``, ``species100@1.0.0``, ``imagenet1k``...)."""
-    from .bundle import Bundle
-    from .models.weights import weights_path
-    from .registry import DEFAULT_ALIAS, RegistryError, split_ref
+    from ..bundles.bundle import Bundle
+    from .weights import weights_path
+    from ..bundles.registry import DEFAULT_ALIAS, RegistryError, split_ref
 
     # The registry's own parser: "species100@" is refused here as it is there, and a bare name means
     # name@production, the one alias a built-in has.
@@ -93,7 +93,7 @@ def builtin_bundle(ref: str):
 
 
 def _create(target: Path, common: dict, name: str) -> None:
-    from .bundle import UnknownRule, create_bundle
+    from ..bundles.bundle import UnknownRule, create_bundle
 
     if name == "imagenet1k":
         kwargs = dict(labels=imagenet_labels(), notes="MobileNetV2 1.0 224, int8 QDQ, ONNX Model Zoo")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 try:
-    from . import _native
+    from .. import _native
 except ImportError as e:  # a source checkout without a build, or a missing system library
     _native = None
     NATIVE_IMPORT_ERROR: ImportError | None = e

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ..bundle import BundleError
+from ...bundles.bundle import BundleError
 
 __all__ = ["Runtime", "ModelInput", "ModelInputError", "ModelLoadError", "load_runtime", "framework_for_file"]
 

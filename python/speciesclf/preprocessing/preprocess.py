@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _backend
 from ._pillow_backend import PillowPreprocessor
-from .errors import CODEC_UNAVAILABLE, ImageError, error_from_status
+from ..errors import CODEC_UNAVAILABLE, ImageError, error_from_status
 from .inputs import ImageInput, as_source
 from .spec import BFLOAT16_NAN, PreprocessSpec
 
@@ -71,7 +71,7 @@ def preprocess_batch(
     in ``Batch.ok`` and ``Batch.errors``.
 
     ``device="cuda"`` (or ``"cuda:N"``) preprocesses on that GPU and returns a torch CUDA tensor (see
-    :class:`speciesclf.gpu.GpuPreprocessor`, the owned object to keep when calling in a loop; this function
+    :class:`speciesclf.preprocessing.gpu.GpuPreprocessor`, the owned object to keep when calling in a loop; this function
     keeps one per thread). A ``bfloat16`` spec returns a torch tensor on either device.
     """
     if on_error not in ("raise", "skip"):

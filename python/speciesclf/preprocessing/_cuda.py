@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-from .errors import CudaUnavailableError
+from ..errors import CudaUnavailableError
 
 __all__ = ["native_cuda", "built_with_cuda", "cuda_status"]
 

@@ -18,14 +18,14 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
-from .bundle import BundleError
-from .errors import GpuError, ImageError, ModelOutputError, ModelRuntimeError, error_body
-from .fetch import UrlPolicy
+from ..bundles.bundle import BundleError
+from ..errors import GpuError, ImageError, ModelOutputError, ModelRuntimeError, error_body
+from ..sources.fetch import UrlPolicy
 from .postprocess import PostProcessor, top_k_indices
-from .preprocess import preprocess_batch
+from ..preprocessing.preprocess import preprocess_batch
 from .runtimes import framework_for_file, load_runtime
-from .sources import to_image_source
-from .spec import PreprocessSpec
+from ..sources.sources import to_image_source
+from ..preprocessing.spec import PreprocessSpec
 
 __all__ = ["Classifier", "Prediction", "Predictions", "check_model_io"]
 
@@ -39,7 +39,7 @@ class Prediction:
     ``label`` is the reported class: None when the open-set rule says "unknown" (and on error), so an
     unknown image never names a species. ``guess`` is the best reported class whatever the rule said,
     ``score`` its probability among the reported classes and ``index`` its model output; ``open_set_score``
-    is what the rule compared with its threshold (see :class:`~speciesclf.postprocess.PostProcessor`).
+    is what the rule compared with its threshold (see :class:`~speciesclf.model.postprocess.PostProcessor`).
     ``logits`` (the model's raw outputs, all of them) and ``embedding`` (its penultimate pooled features,
     float32 1-D) are set only when asked for (``return_logits=True``, ``return_embedding=True``).
     """
@@ -57,6 +57,9 @@ class Prediction:
     open_set_score: float | None = None
     logits: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
     embedding: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: Which side of a :class:`~speciesclf.rollout.Deployment` answered: "primary" or "candidate"; None from
+    #: a plain Classifier. ``model`` is then the version on that side.
+    arm: str | None = None
     # A small JPEG of the model's input, made only for notebooks (see Classifier.thumbnails): never the
     # input itself, which would keep every image of a large batch alive.
     _thumbnail: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -80,6 +83,8 @@ class Prediction:
             "timings": dict(self.timings),
             "error": None if self.error is None else error_body(self.error),
         }
+        if self.arm is not None:
+            data["arm"] = self.arm
         if self.logits is not None:
             data["logits"] = [float(v) for v in self.logits]
         if self.embedding is not None:
@@ -255,7 +260,7 @@ class _Engine:
     output_indices: np.ndarray  # model output index of each reported class
     post: PostProcessor
     outputs: _OutputCheck
-    gpu: Any = None  # a speciesclf.gpu.GpuPreprocessor when preprocessing runs on the runtime's GPU
+    gpu: Any = None  # a speciesclf.preprocessing.gpu.GpuPreprocessor when preprocessing runs on the runtime's GPU
 
 
 class Classifier:
@@ -309,7 +314,7 @@ class Classifier:
         ``runtime_options`` go to the inference runtime (torch: ``dtype``, ``channels_last``, ``cuda_graphs``).
 
         ``device="cuda"`` runs inference on the GPU and, by default, preprocessing too (nvJPEG decoding and
-        the fused resize kernels of :mod:`speciesclf.gpu`; ``gpu_preprocessing=False`` keeps it on the CPU);
+        the fused resize kernels of :mod:`speciesclf.preprocessing.gpu`; ``gpu_preprocessing=False`` keeps it on the CPU);
         preprocessing of the next batch overlaps inference of the current one. ``precision`` ("fp32",
         "fp16" or "bf16") sets the torch runtime's dtype and the GPU preprocessing output to match.
 
@@ -759,7 +764,7 @@ def check_model_io(runtime: Any, spec: PreprocessSpec, manifest: Any = None, lab
 
     Input: the declared input (``runtime.input_signature``: ONNX models, torch.export programs) must have
     rank 4, 3 channels where ``spec.layout`` puts them, the spec's image size where the model fixes one and
-    (ONNX) the spec's dtype: else :class:`~speciesclf.runtimes.ModelInputError`. A TorchScript model
+    (ONNX) the spec's dtype: else :class:`~speciesclf.model.runtimes.ModelInputError`. A TorchScript model
     declares nothing: one image of the spec's shape is run through it instead (a "probe"), and its failure
     is the error. Plugin runtimes without an ``input_signature`` are not checked.
 
@@ -849,12 +854,12 @@ def _with_gpu_preprocessing(engine: _Engine, *, gpu_preprocessing: bool | None, 
         raise ValueError("gpu_preprocessing=True needs the model on a GPU (device='cuda')")
     if not on_gpu or gpu_preprocessing is False:
         return engine
-    from .gpu import GpuPreprocessor, cuda_status
+    from ..preprocessing.gpu import GpuPreprocessor, cuda_status
 
     usable, why = cuda_status()
     if not usable:
         if gpu_preprocessing:
-            from .errors import CudaUnavailableError
+            from ..errors import CudaUnavailableError
 
             raise CudaUnavailableError(f"GPU preprocessing is not available: {why}")
         return engine  # the CPU preprocesses; the runtime copies each batch to its GPU
@@ -867,7 +872,7 @@ def _with_gpu_preprocessing(engine: _Engine, *, gpu_preprocessing: bool | None, 
 
 def _build_runtime_engine(source: Any, *, device: str, backend: str, labels: Any, threads: int | None,
                           registry: Any, preprocess: PreprocessSpec | None, runtime_options: dict[str, Any]) -> _Engine:
-    from .bundle import Bundle
+    from ..bundles.bundle import Bundle
 
     runtime = dict(device=device, backend=backend, threads=threads, options=runtime_options)
     if isinstance(source, Bundle):
@@ -889,7 +894,7 @@ def _build_runtime_engine(source: Any, *, device: str, backend: str, labels: Any
 
 def _resolve_reference(ref: str, registry: Any):
     from . import builtin
-    from .registry import Registry, RegistryError
+    from ..bundles.registry import Registry, RegistryError
 
     registry = registry if registry is not None else Registry()
     name = ref.split("@", 1)[0]
@@ -939,7 +944,7 @@ def _check_static_width(runtime: Any, check: _OutputCheck) -> None:
 
 def _engine_from_file(path: Path, *, labels: Any, preprocess: PreprocessSpec, device: str, backend: str,
                       threads: int | None, options: dict[str, Any]) -> _Engine:
-    from .bundle import Label, read_labels
+    from ..bundles.bundle import Label, read_labels
 
     if isinstance(labels, str) and labels == "imagenet1k":
         from .builtin import imagenet_labels
@@ -970,7 +975,7 @@ def _engine_from_file(path: Path, *, labels: Any, preprocess: PreprocessSpec, de
 
 def _labels_from_file(path: Path, read_labels: Callable) -> list:
     """A labels TSV (index, name, scientific_name) or a plain text file with one name per line."""
-    from .bundle import Label
+    from ..bundles.bundle import Label
 
     text = path.read_text(encoding="utf-8")
     if text.startswith("index\t"):

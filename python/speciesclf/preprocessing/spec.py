@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import ImageTooLargeError
+from ..errors import ImageTooLargeError
 
 __all__ = ["PreprocessSpec", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES", "MAX_SIZE", "MAX_RESIZED_SIDE"]
 

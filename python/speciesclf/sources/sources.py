@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ._formats import sniff_format
-from .errors import (
+from ..preprocessing._formats import sniff_format
+from ..errors import (
     EmptyInputError,
     ImageReadError,
     ImageTooLargeError,
@@ -26,8 +26,8 @@ from .errors import (
     UrlNotAllowedError,
 )
 from .fetch import UrlPolicy, fetch_bytes
-from .inputs import check_pixel_count, read_file
-from .spec import DEFAULT_MAX_PIXELS
+from ..preprocessing.inputs import check_pixel_count, read_file
+from ..preprocessing.spec import DEFAULT_MAX_PIXELS
 
 __all__ = ["decode_base64", "to_image_source"]
 
@@ -80,7 +80,7 @@ def to_image_source(item: Any, *, max_bytes: int, max_pixels: int = DEFAULT_MAX_
                     allow_urls: bool | UrlPolicy | Iterable[str] = False) -> Any:
     """One input as bytes / a pixel array / a PIL image (left to preprocess_batch). Raises ImageError.
 
-    ``allow_urls`` says which http(s) URLs may be fetched (see :meth:`speciesclf.fetch.UrlPolicy.of`)."""
+    ``allow_urls`` says which http(s) URLs may be fetched (see :meth:`speciesclf.sources.fetch.UrlPolicy.of`)."""
     if isinstance(item, str):
         return _from_string(item, max_bytes=max_bytes, allow_urls=allow_urls)
     if hasattr(item, "read") and callable(item.read):

@@ -4,6 +4,8 @@ Layout under the root (default ``default_home() / "registry"``)::
 
     <name>/versions/<version>/   a complete bundle directory, only ever appearing through one rename
     <name>/aliases.json          {"production": "1.2.0", ...}, replaced atomically
+    <name>/rejected.json         {"1.3.0": {"reason": ..., "at": ...}}: versions a rollout refused
+    <name>/rollout.json          the state of the rollout of <name> (speciesclf.rollout), replaced atomically
     <name>/.lock                 flock'ed by every writer of <name>
     .tmp/                        staging area; leftovers of crashed writers are removed after an hour
 
@@ -16,6 +18,7 @@ versions can also resolve their aliases. Staging folders under ``.tmp`` are priv
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -25,7 +28,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,6 +73,15 @@ def _check_alias(alias: object) -> str:
     if not isinstance(alias, str) or not _ALIAS_RE.fullmatch(alias) or is_semver(alias):
         raise RegistryError(f"invalid alias {alias!r}: expected ^[a-z][a-z0-9_-]*$ (and not a version)")
     return alias
+
+
+_DOCUMENTS = ("rollout", "rejected")
+
+
+def _check_document(document: str) -> str:
+    if document not in _DOCUMENTS:
+        raise RegistryError(f"unknown registry document {document!r}; one of {', '.join(_DOCUMENTS)}")
+    return document
 
 
 def split_ref(ref: object) -> tuple[str, str]:
@@ -232,8 +244,8 @@ class Registry:
         fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            # Leftovers of a writer that died between writing and replacing aliases.json.
-            for stray in d.glob(".aliases.json.*.tmp"):
+            # Leftovers of a writer that died between writing and replacing one of the documents.
+            for stray in d.glob(".*.json.*.tmp"):
                 try:
                     stray.unlink()
                 except OSError:
@@ -370,6 +382,56 @@ class Registry:
                 raise RegistryError(f"{name!r} has no {alias!r} alias")
             del table[alias]
             _write_json_atomic(d / "aliases.json", table)
+
+    # ------------------------------------------------------------------------- documents beside the versions
+
+    def read_document(self, name: str, document: str) -> dict | None:
+        """The JSON object ``<name>/<document>.json`` (None when there is none). Lock-free, as aliases are."""
+        _check_name(name)
+        path = self.root / name / f"{_check_document(document)}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise RegistryError(f"{path}: corrupt {document} file: {e}") from None
+        if not isinstance(data, dict):
+            raise RegistryError(f"{path}: corrupt {document} file: expected a JSON object")
+        return data
+
+    def update_document(self, name: str, document: str, change: Callable[[dict | None], dict | None]) -> dict | None:
+        """Replace ``<name>/<document>.json`` by ``change(current)`` under the name's lock, atomically: every
+        reader sees the old or the new object, also after a crash. ``change`` returning None removes it.
+        Returns what was written."""
+        _check_name(name)
+        _check_document(document)
+        with self._locked(name) as d:
+            new = change(self.read_document(name, document))
+            path = d / f"{document}.json"
+            if new is None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    _fsync_dir(d)
+            else:
+                _write_json_atomic(path, new)
+            return new
+
+    def reject(self, name: str, version: str, reason: str) -> None:
+        """Mark ``name@version`` as rejected (by a rollout), with the reason; a rejected version is never
+        started as a candidate again until :meth:`unreject`."""
+        _check_version(version)
+        if not (self.root / name / "versions" / version).is_dir():
+            raise RegistryError(f"{name}@{version} is not registered")
+        self.update_document(name, "rejected", lambda table: {**(table or {}),
+                                                              version: {"reason": str(reason), "at": time.time()}})
+
+    def unreject(self, name: str, version: str) -> None:
+        _check_version(version)
+        self.update_document(name, "rejected", lambda table: {k: v for k, v in (table or {}).items() if k != version})
+
+    def rejections(self, name: str) -> dict[str, dict]:
+        """``version -> {"reason", "at"}`` of the versions of ``name`` a rollout rejected."""
+        return dict(self.read_document(name, "rejected") or {})
 
     def delete(self, name: str, version: str) -> None:
         """Remove ``name@version``; refused while an alias points at it."""

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from .spec import PreprocessSpec
+from ..preprocessing.spec import PreprocessSpec
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -689,14 +689,14 @@ class Bundle:
         that fits the manifest: the runtime parses it (onnxruntime builds a session, torch loads the
         archive); its declared input fits ``manifest.preprocess`` and its output width the labels,
         ``num_outputs`` and ``label_subset`` (``Classifier.load``'s own checks,
-        :func:`speciesclf.classifier.check_model_io`); and a test image preprocessed as the manifest says
+        :func:`speciesclf.model.classifier.check_model_io`); and a test image preprocessed as the manifest says
         runs through it and gives finite scores. Raises BundleError (its ModelInputError subclass for the
         input) naming what does not fit; the runtime's own error is the ``__cause__``.
         """
         import numpy as np
 
-        from .classifier import Classifier
-        from .runtimes import ModelLoadError
+        from ..model.classifier import Classifier
+        from ..model.runtimes import ModelLoadError
 
         spec = self.manifest.preprocess
         try:

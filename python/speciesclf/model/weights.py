@@ -8,7 +8,7 @@ order:
 2. The cache, ``cache_dir() / "weights" / spec.filename``. A cached file whose hash does not match is
    removed and fetched again.
 3. A download (unless ``download=False``) from each of ``spec.urls`` in turn, through speciesclf's one URL
-   fetcher (:mod:`speciesclf.fetch`) under a :class:`~speciesclf.fetch.UrlPolicy`: http(s) only, public
+   fetcher (:mod:`speciesclf.sources.fetch`) under a :class:`~speciesclf.sources.fetch.UrlPolicy`: http(s) only, public
    addresses only unless ``url_policy`` allows a network, at most 5 redirects (each checked again, never
    from https down to http), a connect/read timeout, and a body cap of twice the pinned size. The body
    streams into a temporary file beside the final one, is hash-checked, then ``os.replace``-d into place,
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageError
-from ..fetch import UrlPolicy, fetch_into
+from ..sources.fetch import UrlPolicy, fetch_into
 
 __all__ = ["MOBILENETV2_INT8", "WeightsError", "WeightsSpec", "cache_dir", "weights_path"]
 

@@ -9,7 +9,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from .errors import ImageReadError, ImageTooLargeError, InvalidImageError
+from ..errors import ImageReadError, ImageTooLargeError, InvalidImageError
 from .spec import DEFAULT_MAX_PIXELS
 
 ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", np.ndarray, Image.Image]

@@ -31,8 +31,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
-from ._version import __version__
-from .errors import PayloadTooLargeError, UrlFetchError, UrlNotAllowedError
+from .._version import __version__
+from ..errors import PayloadTooLargeError, UrlFetchError, UrlNotAllowedError
 
 __all__ = [
     "METADATA_ADDRESSES",

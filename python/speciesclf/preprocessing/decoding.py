@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _backend, _formats
 from ._pillow_backend import open_upright
-from .errors import CODEC_UNAVAILABLE, error_from_status
+from ..errors import CODEC_UNAVAILABLE, error_from_status
 from .inputs import read_file
 from .spec import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 

@@ -108,7 +108,7 @@ class OnnxRuntime:
         self.fixed_batch = first if isinstance(first, int) and not isinstance(first, bool) and first > 0 else None
         outputs = [output.name for output in self.session.get_outputs()]
         if embedding_output is not None and embedding_output not in outputs:
-            from ..bundle import BundleError
+            from ...bundles.bundle import BundleError
 
             raise BundleError(f"manifest.embedding_output: {embedding_output!r} is not an output of "
                               f"{Path(path).name} (its outputs: {', '.join(map(repr, outputs))})")
@@ -127,7 +127,7 @@ class OnnxRuntime:
 
     @property
     def input_signature(self):
-        """The model's declared input (its name, shape and dtype), a :class:`~speciesclf.runtimes.ModelInput`."""
+        """The model's declared input (its name, shape and dtype), a :class:`~speciesclf.model.runtimes.ModelInput`."""
         from . import ModelInput
 
         model_input = self.session.get_inputs()[0]
