@@ -166,12 +166,19 @@ def _table() -> dict[type[BaseException], tuple[str, int]]:
         from .model.weights import WeightsError
         from .bundles.registry import RegistryError
         from .model.runtimes import ModelLoadError
+        from .rollout.controller import RolloutError
+        from .rollout.deployment import CandidateRefused
+        from .rollout.policy import RolloutSpecError
 
         _CODES.update({
             BundleError: ("bundle_error", 500),
             RegistryError: ("registry_error", 500),
             ModelLoadError: ("model_load_failed", 500),
             WeightsError: ("weights_unavailable", 500),
+            # A rollout operation the rollout's state does not allow now, or a candidate that cannot be used.
+            RolloutError: ("rollout_conflict", 409),
+            CandidateRefused: ("candidate_refused", 409),
+            RolloutSpecError: ("invalid_rollout", 422),
         })
         _OTHER_MODULES_LISTED = True
     return _CODES
