@@ -104,3 +104,29 @@ def test_a_restarted_deployment_resumes_the_running_candidate(registry, photos):
         assert arms == {"primary", "candidate"}
     finally:
         again.close()
+
+
+def test_two_workers_on_one_registry_run_one_rollout_and_route_alike(registry, photos):
+    policy = parse_rollout("canary:50,100", min_requests=10_000)
+    workers = [Deployment.from_registry("species100@production", registry=registry, policy=policy,
+                                        watch_interval_s=None, sync_interval_s=None) for _ in range(2)]
+    try:
+        registry.set_alias("species100", "candidate", GOOD)
+        for w in workers:
+            w.refresh()
+        history = registry.read_document("species100", "rollout")["history"]
+        assert [h["verdict"] for h in history] == ["start"]  # started once, joined by the other
+        keys = [f"user-{i}" for i in range(60)]
+        arms = [[p.arm for p in w.predict_batch(photos[:60], routing_keys=keys)] for w in workers]
+        assert arms[0] == arms[1] and set(arms[0]) == {"primary", "candidate"}
+        for w in workers:
+            w.sync()
+        counts = registry.read_document("species100", "rollout")["counts"]
+        assert counts["candidate"]["requests"] == 2 * arms[0].count("candidate")
+        workers[1].rollout.rollback("a person")
+        for w in workers:
+            w.sync()
+        assert workers[0].candidate_model is None and workers[1].candidate_model is None
+    finally:
+        for w in workers:
+            w.close()

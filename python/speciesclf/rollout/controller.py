@@ -212,8 +212,12 @@ class Rollout:
 
     # --- what people (and the service's watcher) do -----------------------------------------------------
 
-    def start(self, primary: str, candidate: str, policy: RolloutPolicy, *, replace: bool = False) -> dict:
-        """Begin a rollout of ``candidate`` beside ``primary`` (versions of ``name``) at its first step."""
+    def start(self, primary: str, candidate: str, policy: RolloutPolicy, *, replace: bool = False,
+              join: bool = False) -> dict:
+        """Begin a rollout of ``candidate`` beside ``primary`` (versions of ``name``) at its first step.
+
+        ``replace`` aborts a rollout of another candidate first. ``join`` leaves a rollout of the same
+        candidate as it is (the workers of a service that all saw the same alias move start it once)."""
         if not isinstance(policy, RolloutPolicy):
             raise RolloutSpecError(f"policy must be a RolloutPolicy, got {type(policy).__name__}")
         if primary == candidate:
@@ -227,6 +231,8 @@ class Rollout:
             if state is not None and state["phase"] == "promoting":
                 raise RolloutError(f"the promotion of {self.name}@{state['candidate']} is not finished yet")
             if state is not None and state["phase"] in ACTIVE_PHASES:
+                if join and state["candidate"] == candidate and state["primary"] == primary:
+                    return state
                 if not replace:
                     raise RolloutError(f"a rollout of {self.name}@{state['candidate']} is {state['phase']}; "
                                        "roll it back, promote it or abort it first")

@@ -242,7 +242,7 @@ class Deployment:
                              "seen_candidate": None}
         try:
             deployment._resume()
-            if candidate is not None and not deployment._is_running(candidate):
+            if candidate is not None:
                 deployment.start_candidate(candidate, policy or RolloutPolicy())
             else:
                 deployment.refresh()
@@ -268,9 +268,12 @@ class Deployment:
         if old is not None:
             old.retire()
 
-    def start_candidate(self, ref_or_classifier: Any, policy: RolloutPolicy | None = None) -> dict:
+    def start_candidate(self, ref_or_classifier: Any, policy: RolloutPolicy | None = None, *,
+                        restart: bool = False) -> dict:
         """Load (a reference) or take (a classifier), check and warm up a candidate, then start ``policy``
-        on it. A candidate that fails any of that raises :class:`CandidateRefused` and gets no traffic."""
+        on it. A candidate that fails any of that raises :class:`CandidateRefused` and gets no traffic.
+        A rollout of the same version already running (started by another worker) is joined, not restarted,
+        unless ``restart``."""
         policy = policy or (self._watch or {}).get("policy") or RolloutPolicy()
         if isinstance(ref_or_classifier, str):
             if self._loader is None:
@@ -293,7 +296,8 @@ class Deployment:
             raise RolloutError(f"{classifier.model} is already the primary")
         self._attach_candidate(classifier, owned)
         self.refused = None
-        return self.rollout.start(self._primary.version, self._candidate.version, policy, replace=True)
+        return self.rollout.start(self._primary.version, self._candidate.version, policy, replace=True,
+                                  join=not restart)
 
     # --- the predict API ----------------------------------------------------------------------------
 
@@ -592,13 +596,6 @@ class Deployment:
             # What the alias says now counts as seen: only a later change of it starts or ends a rollout.
             self._watch["seen_candidate"] = self._registry.aliases(self.name).get(CANDIDATE_ALIAS)
 
-    def _is_running(self, ref: str) -> bool:
-        """True when the stored rollout already runs ``ref`` (another worker, or this one before a restart)."""
-        state = self.rollout.state
-        version = ref.rpartition("@")[2] if "@" in ref else ref
-        return (state is not None and state["phase"] in ACTIVE_PHASES and state["candidate"] == version
-                and self._candidate is not None and self._candidate.version == version)
-
     def refresh(self) -> None:
         """Look at the registry's aliases now (also done every ``watch_interval_s``; the service does it on
         SIGHUP): a moved ``production`` is hot-reloaded, a new ``candidate`` starts the rollout policy."""
@@ -613,6 +610,9 @@ class Deployment:
         target = aliases.get(CANDIDATE_ALIAS)
         state = self.rollout.state
         active = state is not None and state["phase"] in ACTIVE_PHASES
+        if active and state["candidate"] != self._primary.version and (
+                self._candidate is None or self._candidate.version != state["candidate"]):
+            self._join(state["candidate"])  # another worker (or a person, through the CLI) started it
         if target is None:
             if active and self._watch["seen_candidate"] == state["candidate"]:
                 self.rollout.abort("the candidate alias was removed")
@@ -632,6 +632,15 @@ class Deployment:
             self.start_candidate(f"{self.name}@{target}")
         except CandidateRefused:
             pass  # logged, and kept in .refused for /v1/models; the primary keeps serving
+
+    def _join(self, version: str) -> None:
+        try:
+            self._attach_candidate(self._loader(f"{self.name}@{version}"), owned=True)
+        except CandidateRefused:
+            pass  # this process answers with the primary only; .refused says why
+        except Exception as e:  # noqa: BLE001
+            self.refused = {"version": version, "reason": f"it failed to load ({type(e).__name__}: {e})",
+                            "at": time.time()}
 
     def _reload_primary(self, version: str) -> None:
         state = self.rollout.state
