@@ -447,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bundle_registry_commands(sub)
     _add_serve_command(sub)
+    _add_rollout_command(sub)
     return parser
 
 
@@ -748,6 +749,364 @@ def _add_bundle_registry_commands(sub) -> None:
     p.add_argument("name", help="bundle name")
     p.add_argument("version", help="the version to remove")
     p.set_defaults(run=_one_line_errors(_cmd_registry_delete))
+
+
+# ------------------------------------------------------------------------------------------------
+# `speciesclf rollout ...` (a candidate version beside the primary: in the registry, or on a running
+# service through its admin API). Self-contained: reached only through _add_rollout_command().
+# ------------------------------------------------------------------------------------------------
+
+_ROLLOUT_ACTIONS = ("pause", "resume", "promote", "rollback")
+
+
+class _AdminError(RuntimeError):
+    """A call of a service's admin API that was refused or could not be made; the message says which."""
+
+
+def _rollout_spec(text: str) -> str:
+    """argparse type of --rollout: a spec that does not parse is a usage error (exit 2) before anything runs."""
+    from .rollout import RolloutSpecError, parse_rollout
+
+    try:
+        parse_rollout(text)
+    except RolloutSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _rollout_weight(text: str) -> float:
+    """argparse type of a weight: a share (0.25) or a percentage (25%) of the routing keys."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"a weight is a share in [0, 1] (0.25) or a percentage (25%), got {text!r}")
+    return value
+
+
+class _AdminClient:
+    """The admin API of a running service (docs/rollout.md): httpx where it is installed, else urllib.
+    The token is sent as a bearer header and never shown."""
+
+    def __init__(self, url: str, token_file: str | None, timeout_s: float = 60.0) -> None:
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"--url: expected http://HOST:PORT or https://HOST:PORT, got {url!r}")
+        if token_file is None:
+            raise ValueError("--url needs --admin-token-file: the admin API takes a bearer token")
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"--admin-token-file {token_file}: not a text file") from None
+        except OSError as e:
+            raise OSError(f"--admin-token-file {token_file}: cannot read it ({e.strerror or e})") from None
+        if not token:
+            raise ValueError(f"--admin-token-file {token_file}: the file is empty")
+        self.base = url.rstrip("/")
+        self.token_file = token_file
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self.timeout_s = timeout_s
+
+    def get(self, path: str) -> dict:
+        return self._call("GET", path, None)
+
+    def post(self, path: str, body: dict) -> dict:
+        return self._call("POST", path, body)
+
+    def _call(self, method: str, path: str, body: dict | None) -> dict:
+        import json
+
+        status, raw = self._send(method, self.base + path, body)
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = None
+        if status == 200 and isinstance(data, dict):
+            return data
+        raise _AdminError(self._refusal(status, data, raw, method, path))
+
+    def _send(self, method: str, url: str, body: dict | None) -> tuple[int, bytes]:
+        try:
+            import httpx
+        except ImportError:
+            httpx = None
+        if httpx is not None:
+            try:
+                response = httpx.request(method, url, json=body, headers=self._headers, timeout=self.timeout_s)
+            except httpx.HTTPError as e:
+                raise _AdminError(f"cannot reach {self.base}: {type(e).__name__}: {e}") from None
+            return response.status_code, response.content
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = dict(self._headers, **({"Content-Type": "application/json"} if data is not None else {}))
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise _AdminError(f"cannot reach {self.base}: {getattr(e, 'reason', e)}") from None
+
+    def _refusal(self, status: int, data: dict | None, raw: bytes, method: str, path: str) -> str:
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            said = f"{error.get('code', 'error')}: {error.get('message', '')}".rstrip(": ")
+        else:
+            said = raw[:200].decode("utf-8", "replace").strip() or "no body"
+        where = f"{self.base} ({method} {path})"
+        if status == 401:
+            return f"{where}: 401 {said} (the admin API wants the token as a bearer header)"
+        if status == 403:
+            return f"{where}: 403 {said} (the token read from {self.token_file})"
+        if status == 404:
+            return (f"{where}: 404: the service has no admin API (it serves one only when started with "
+                    "--admin-token-file)")
+        return f"{where}: {status} {said}"
+
+
+def _rollout_name_of(model: str | None) -> str | None:
+    return None if model is None else model.rpartition("@")[0] or model
+
+
+def _rollout_is_active(state: dict | None) -> bool:
+    from .rollout.state import ACTIVE_PHASES
+
+    return state is not None and state.get("phase") in ACTIVE_PHASES
+
+
+def _rollout_busy(state: dict) -> str:
+    return (f"a rollout of {state['name']}@{state['candidate']} is {state['phase']}: roll it back, promote it, "
+            "or start with --replace to end it first")
+
+
+def _rollout_on_service(args: argparse.Namespace) -> dict:
+    """The command through a running service's admin API; returns the service's status afterwards."""
+    client = _AdminClient(args.url, args.admin_token_file)
+    status = client.get("/v1/admin/rollout")
+    serving = _rollout_name_of(status.get("primary"))
+    if serving != args.name:
+        raise _AdminError(f"the service at {client.base} serves {serving}, not {args.name}")
+    command = args.rollout_command
+    if command == "status":
+        if status.get("rollout") is None:
+            raise _AdminError(f"no rollout of {args.name} on the service at {client.base} "
+                              f"(primary {status['primary']})")
+        return status
+    if command == "start":
+        if getattr(args, "force", False):
+            raise ValueError("--force is for the registry mode: the service decides itself which versions it takes")
+        if _rollout_is_active(status.get("rollout")) and not args.replace:
+            raise _AdminError(_rollout_busy(status["rollout"]))
+        other, at, version = args.version.rpartition("@")
+        if at and other != args.name:
+            raise ValueError(f"{args.version!r} is not a version of {args.name}")
+        return client.post("/v1/admin/rollout/start", {"candidate": f"{args.name}@{version}", "rollout": args.rollout})
+    if command == "weight":
+        return client.post("/v1/admin/rollout/weight", {"weight": args.weight})
+    return client.post(f"/v1/admin/rollout/{command}", {"reason": args.reason} if args.reason else {})
+
+
+def _rollout_version(registry, name: str, versions: list[str], given: str) -> str:
+    """VERSION as given: a version of ``name``, ``name@version``, or an alias of ``name``."""
+    from .bundles.registry import RegistryError
+
+    other, at, tag = given.rpartition("@")
+    if at:
+        if other != name:
+            raise RegistryError(f"{given!r} is not a version of {name}")
+        given = tag
+    if given in versions:
+        return given
+    aliased = registry.aliases(name).get(given)
+    if aliased is not None:
+        return aliased
+    raise RegistryError(f"{name}@{given} is not registered (versions: {', '.join(versions)})")
+
+
+def _rollout_in_registry(args: argparse.Namespace) -> dict:
+    """The command on the rollout state in the registry; returns the state afterwards, shaped like a
+    service's status (primary, candidate, rollout) plus the registry's rejections."""
+    from .bundles.registry import Registry, RegistryError
+    from .rollout import RegistryStore, Rollout, RolloutError, parse_rollout
+
+    registry = Registry(args.registry)
+    name = args.name
+    versions = registry.versions(name)  # also refuses a name that is not a valid one
+    if not versions:
+        raise RegistryError(f"no bundle named {name!r} in the registry {registry.root}")
+    rollout = Rollout(RegistryStore(registry, name), name=name, registry=registry)
+    command = args.rollout_command
+    if command == "status" and rollout.state is None:
+        production = registry.aliases(name).get("production", "no production alias")
+        raise RolloutError(f"no rollout of {name} (production -> {production}); start one with "
+                           f"speciesclf rollout start {name} VERSION")
+    if command == "start":
+        version = _rollout_version(registry, name, versions, args.version)
+        primary = registry.aliases(name).get("production")
+        if primary is None:
+            raise RegistryError(f"{name} has no production alias: the primary of a rollout is the version it points "
+                                f"at (speciesclf registry alias {name} production VERSION)")
+        rejected = registry.rejections(name).get(version)
+        if rejected is not None and not args.force:
+            raise RolloutError(f"{name}@{version} was rejected by a rollout ({rejected.get('reason')}); "
+                               "--force starts it again")
+        if _rollout_is_active(rollout.state) and not args.replace:
+            raise RolloutError(_rollout_busy(rollout.state))
+        rollout.start(primary, version, parse_rollout(args.rollout), replace=args.replace)
+        if rejected is not None:
+            registry.unreject(name, version)  # forced: a later rollback marks it again, with its own reason
+    elif command == "weight":
+        rollout.set_weight(args.weight)
+    elif command in _ROLLOUT_ACTIONS:
+        action = getattr(rollout, command)
+        action(args.reason) if args.reason else action()
+    state = rollout.status()
+    production = registry.aliases(name).get("production")
+    return {"primary": None if production is None else f"{name}@{production}",
+            "candidate": f"{name}@{state['candidate']}" if _rollout_is_active(state) else None,
+            "rollout": state, "rejected": registry.rejections(name), "registry": str(registry.root.resolve())}
+
+
+def _rollout_when(at: float | None) -> str:
+    return "-" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _rollout_summary(result: dict, verdicts_shown: int = 5) -> str:
+    """``rollout status``: the versions, the phase, where the traffic is, the gates and the last verdicts."""
+    state = result["rollout"]
+    policy, counts = state["policy"], state["counts"]
+    steps = policy["steps"]
+    # The reason of the last pause, rollback, promotion or abort; a resumed rollout's is history.
+    said = state.get("reason") if state["phase"] != "running" else None
+    phase = state["phase"] + (f" ({said})" if said else "")
+    lines = [f"rollout     {state['name']}: {policy['mode']} of {state['candidate']} beside {state['primary']}",
+             f"phase       {_one_line(phase)}",
+             f"primary     {result.get('primary') or '-'}",
+             f"candidate   {result.get('candidate') or '-'}"]
+    active = _rollout_is_active(state)
+    if policy["mode"] == "canary":
+        weight = state["weight"] if active else 0.0
+        lines.append(f"weight      {weight:.0%} of the routing keys (step {state['step'] + 1} of {len(steps)}: "
+                     f"{', '.join(f'{s:g}' for s in steps)} %)")
+    else:
+        lines.append(f"weight      0% (shadow: {policy['shadow_share']:.0%} of the requests copied to the candidate)")
+    if active:
+        held = max(0.0, time.time() - state["step_started_at"])
+        what = "comparisons" if policy["mode"] == "shadow" else "candidate requests"
+        lines.append(f"step        {state['step_requests']} of {policy['min_requests']} {what}, "
+                     f"{held:.0f} of {policy['min_seconds']:g} s")
+    p, c, compare = counts["primary"], counts["candidate"], counts["compare"]
+    lines.append(f"requests    primary {p['requests']} (errors {p['errors']}), candidate {c['requests']} "
+                 f"(errors {c['errors']}, answered by the primary {c['fallbacks']})")
+    lines.append(f"compared    {compare['compared']} (shed {compare['shed']}, failed {compare['failed']})")
+    lines += ["", f"{'gate':<11} {'n':>7} {'events':>7} {'rate':>7} {'allowed':>8} {'llr':>8}  {'threshold':>9}  state"]
+    for gate, g in state.get("gates", {}).items():
+        rate = "-" if g["rate"] is None else f"{g['rate']:.1%}"
+        verdict = "tripped" if g["tripped"] else "ok" if g["active"] else "no baseline"
+        lines.append(f"{gate:<11} {g['n']:>7} {g['events']:>7} {rate:>7} {g['p0']:>8.1%} {g['llr']:>8.2f}  "
+                     f"{g['threshold']:>9.2f}  {verdict}")
+    history = state.get("history", [])
+    lines += ["", f"verdicts (the last {min(len(history), verdicts_shown)} of {len(history)})"]
+    for entry in history[-verdicts_shown:]:
+        lines.append(f"  {_rollout_when(entry.get('at'))}  {entry['verdict']:<8} {entry['weight']:>5.0%}  "
+                     f"{_one_line(str(entry.get('reason') or ''))}")
+    return "\n".join(lines)
+
+
+def _rollout_done(result: dict, in_registry: bool) -> str:
+    """One line for an action: what it did, and where the rollout stands now."""
+    state = result["rollout"]
+    entry = state["history"][-1]
+    line = (f"{state['name']}@{state['candidate']}: {entry['verdict']} ({_one_line(str(entry.get('reason') or ''))}); "
+            f"now {state['phase']}")
+    if state["policy"]["mode"] == "canary" and _rollout_is_active(state):
+        line += f" at {state['weight']:.0%}"
+    if in_registry and state["phase"] == "promoted":
+        line += f"; {state['name']}@production -> {state['candidate']}"
+    if in_registry and state["phase"] == "rolled_back":
+        line += f"; {state['candidate']} is marked rejected"
+    return line
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    import json
+
+    remote = args.url is not None
+    if not remote and args.admin_token_file is not None:
+        raise ValueError("--admin-token-file goes with --url (the registry needs no token)")
+    result = _rollout_on_service(args) if remote else _rollout_in_registry(args)
+    if args.json:
+        print(json.dumps(_finite_or_none(result), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False))
+    elif args.rollout_command == "status":
+        print(_rollout_summary(result))
+    else:
+        print(_rollout_done(result, in_registry=not remote))
+    return 0
+
+
+def _add_rollout_command(sub) -> None:
+    rollout = sub.add_parser(
+        "rollout", help="a candidate version beside the primary: start, watch, pause, promote or roll back its "
+                        "rollout, in the registry or on a running service (docs/rollout.md)",
+        description="Against the registry (the default), the command changes the rollout state a service reads "
+                    "(<registry>/NAME/rollout.json): a promote moves the registry alias 'production' to the "
+                    "candidate, a rollback marks the candidate's version rejected. With --url it asks a running "
+                    "service through its admin API instead.")
+    common = argparse.ArgumentParser(add_help=False)
+    where = common.add_mutually_exclusive_group()
+    where.add_argument("--registry", metavar="DIR", default=None,
+                       help="the registry holding NAME; default: $SPECIESCLF_HOME/registry (see "
+                            "speciesclf.bundles.registry.default_home)")
+    where.add_argument("--url", default=None,
+                       help="a running service (http://127.0.0.1:8000) to ask through its admin API instead of "
+                            "changing the registry")
+    common.add_argument("--admin-token-file", metavar="FILE", default=None,
+                        help="with --url: the file holding the service's admin token (sent as a bearer header, "
+                             "never printed)")
+    common.add_argument("--json", action="store_true", help="print the rollout's full status as JSON")
+    rsub = rollout.add_subparsers(dest="rollout_command", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        p = rsub.add_parser(name, parents=[common], help=text, description=text)
+        p.add_argument("name", metavar="NAME", help="the bundle name, e.g. species100")
+        p.set_defaults(run=_one_line_errors(_cmd_rollout))
+        return p
+
+    command("status", "the phase, primary and candidate, the weight and step, every gate (n, events, llr, "
+                      "threshold) and the last verdicts")
+    p = command("start", "start a rollout of VERSION beside the version 'production' points at; refused for a "
+                         "version a rollout rejected (unless --force) and while another rollout is running or "
+                         "paused (unless --replace)")
+    p.add_argument("version", metavar="VERSION",
+                   help="the candidate: a registered version of NAME (1.1.0, NAME@1.1.0) or an alias")
+    p.add_argument("--rollout", type=_rollout_spec, default="canary", metavar="SPEC",
+                   help="canary[:STEP,...] (percent of the routing keys per step, the last 100; canary alone: "
+                        "5,25,50,100) or shadow[:SHARE] (the share of requests copied to the candidate)")
+    p.add_argument("--force", action="store_true",
+                   help="registry only: start a version a rollout rejected (its rejection is cleared)")
+    p.add_argument("--replace", action="store_true", help="end (abort) a rollout in progress and start this one")
+    p = command("pause", "hold the rollout where it is (its traffic keeps flowing, no verdict is taken)")
+    p.add_argument("--reason", help="why, kept in the verdict history; default: 'paused by a person'")
+    p = command("resume", "go on with a paused rollout from its step")
+    p.add_argument("--reason", help="why, kept in the verdict history; default: 'resumed by a person'")
+    p = command("promote", "make the candidate the primary now; against the registry the alias 'production' "
+                           "moves to it")
+    p.add_argument("--reason", help="why, kept in the verdict history; default: 'promoted by a person'")
+    p = command("rollback", "send no more traffic to the candidate; against the registry its version is marked "
+                            "rejected, so it is not started again without --force")
+    p.add_argument("--reason", help="why, kept in the verdict history and the rejection; default: "
+                                    "'rolled back by a person'")
+    p = command("weight", "send WEIGHT of the routing keys to the candidate of a canary; the steps go on from "
+                          "the first one at or above it")
+    p.add_argument("weight", metavar="WEIGHT", type=_rollout_weight, help="a share (0.25) or a percentage (25%%)")
 
 
 # ------------------------------------------------------------------------------------------------
