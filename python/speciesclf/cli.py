@@ -1119,8 +1119,20 @@ _SERVE_FLAGS = {
     "max_batch_size": "--max-batch-size", "batches_in_flight": "--batches-in-flight", "max_wait_ms": "--max-wait-ms",
     "max_queue": "--max-queue", "max_batch_request": "--max-batch-request", "default_timeout_ms": "--timeout-ms",
     "host": "--host", "port": "--port", "url_allow_hosts": "--url-allow-host",
-    "url_allow_networks": "--url-allow-network",
+    "url_allow_networks": "--url-allow-network", "rollout": "--rollout", "candidate": "--candidate",
+    "admin_token_file": "--admin-token-file", "watch_interval_s": "--watch-interval", "registry": "--registry",
 }
+
+
+def _serve_rollout_spec(text: str) -> str:
+    """--rollout's type: a spec that does not parse is a usage error (exit 2) before any model loads."""
+    from .rollout import RolloutSpecError, parse_rollout
+
+    try:
+        parse_rollout(text)
+    except RolloutSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _serve_config_error(message: str) -> str:
@@ -1151,9 +1163,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ) if getattr(args, field) is not None}
         if args.timeout_ms is not None:
             given["default_timeout_ms"] = args.timeout_ms
+        if args.watch_interval is not None:
+            given["watch_interval_s"] = args.watch_interval
         config = ServeConfig(host=args.host, port=args.port, url_inputs=bool(args.url_allow_host),
                              url_allow_hosts=tuple(args.url_allow_host),
-                             url_allow_networks=tuple(args.url_allow_network), **given)
+                             url_allow_networks=tuple(args.url_allow_network), rollout=args.rollout,
+                             candidate=args.candidate, admin_token_file=args.admin_token_file,
+                             registry=args.registry, **given)
+        if args.candidate is not None or args.rollout is not None:
+            from .serve._deployment import is_registry_reference, registry_of
+
+            if not is_registry_reference(args.model, registry_of(config)):
+                raise ValueError(f"--candidate and --rollout need --model to be a registry reference (name@production "
+                                 f"or name@VERSION of a name in the registry), not {args.model!r}")
     except ValueError as e:
         print(f"speciesclf: error: {_serve_config_error(str(e))}", file=sys.stderr)
         return 1
@@ -1193,4 +1215,18 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the lowest level logged, by the service's JSON lines and uvicorn's (default info; "
                         "warning drops the line per request)")
+    # A rollout (docs/rollout.md): with --model name@production (a registry reference) the service follows
+    # the registry's aliases; these choose what it does with a candidate.
+    p.add_argument("--candidate", metavar="REF",
+                   help="start a rollout of this version (1.1.0, or name@version|alias) beside --model at start-up, "
+                        "unless the registry's rollout state already runs it")
+    p.add_argument("--rollout", type=_serve_rollout_spec, metavar="SPEC",
+                   help="the rollout policy: canary[:5,25,50,100] (percent steps) or shadow[:SHARE]; used for "
+                        "--candidate and when the registry alias 'candidate' is pointed at a version (default canary)")
+    p.add_argument("--admin-token-file", metavar="FILE",
+                   help="enable the admin API under /v1/admin/ with the bearer token in FILE (without it the admin "
+                        "routes do not exist)")
+    p.add_argument("--registry", metavar="DIR", help="the registry folder (default: $SPECIESCLF_HOME/registry)")
+    p.add_argument("--watch-interval", type=float, metavar="S",
+                   help="seconds between looks at the registry's aliases (default 2; SIGHUP looks at once)")
     p.set_defaults(run=_cmd_serve)

@@ -22,10 +22,11 @@ class ServeStartupError(RuntimeError):
     line), or the HTTP server itself did not start."""
 
 
-def create_app(classifier_or_ref, config: ServeConfig | None = None, *, on_load_failure=None):
+def create_app(classifier_or_ref, config: ServeConfig | None = None, *, on_load_failure=None,
+               reload_signal: bool = False):
     from .app import create_app as _create_app
 
-    return _create_app(classifier_or_ref, config, on_load_failure=on_load_failure)
+    return _create_app(classifier_or_ref, config, on_load_failure=on_load_failure, reload_signal=reload_signal)
 
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -37,7 +38,9 @@ def run(classifier_or_ref, config: ServeConfig | None = None, *, log_level: str 
     ``workers`` > 1 starts that many uvicorn worker processes on the same socket, each loading the model
     itself (so ``classifier_or_ref`` must then be a reference ``Classifier.load`` takes, not an object)
     and each with its own queue and batches; /metrics sums them all (prometheus_client's multiprocess
-    mode, in a private temporary folder removed when the service stops).
+    mode, in a private temporary folder removed when the service stops). A registry reference is served as
+    a rollout Deployment (see :func:`create_app`) in every worker, all on one shared rollout state; SIGHUP
+    makes a worker look at the registry's aliases at once.
 
     Raises :class:`ServeStartupError` when the model cannot be loaded or warmed up at start-up (with
     several workers: when any worker's cannot), after the server has stopped: a process that can never be
@@ -65,7 +68,8 @@ def run(classifier_or_ref, config: ServeConfig | None = None, *, log_level: str 
             failures.append(reason)
             server.should_exit = True  # uvicorn then shuts down as on Ctrl-C
 
-        server = uvicorn.Server(uvicorn.Config(create_app(classifier_or_ref, config, on_load_failure=stop), **common))
+        app = create_app(classifier_or_ref, config, on_load_failure=stop, reload_signal=True)
+        server = uvicorn.Server(uvicorn.Config(app, **common))
         try:
             server.run()
         except SystemExit:  # uvicorn's own start-up failure (the port is taken, ...): it logged why
@@ -139,7 +143,7 @@ def app_from_environment():
 
     configure_logging(_level(os.environ.get(_ENV_LOG_LEVEL, "info")))
     config = ServeConfig(**json.loads(os.environ[_ENV_CONFIG]))
-    return create_app(os.environ[_ENV_MODEL], config, on_load_failure=_worker_cannot_serve)
+    return create_app(os.environ[_ENV_MODEL], config, on_load_failure=_worker_cannot_serve, reload_signal=True)
 
 
 def _worker_cannot_serve(reason: str) -> None:

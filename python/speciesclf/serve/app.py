@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,20 +27,27 @@ from .config import ServeConfig
 from .logs import log
 from .metrics import Metrics
 from .openapi import openapi_document
-from .schemas import (DEFAULT_TOP_K, ROUTES, Health, ModelsBody, NotReady, Ready, RequestModels, UrlInput,
-                      too_many_items, validation_message)
+from .schemas import (ADMIN_ROUTES, DEFAULT_TOP_K, ROUTES, Health, ModelsBody, NotReady, Ready, RequestModels,
+                      UrlInput, too_many_items, validation_message)
 from .._version import __version__
 
 __all__ = ["create_app"]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch: "$" would let a trailing "\n" in
-_ROUTES = tuple(ROUTES)
+_ROUTING_KEY = re.compile(r"[\x20-\x7e]{1,256}")  # printable ASCII, with fullmatch
+# Settings /v1/models does not show: where files are on the server (the token itself is in no setting).
+_PRIVATE_SETTINGS = ("host", "port", "admin_token_file", "registry")
 
 
 class _State:
-    def __init__(self, source: Any, config: ServeConfig, on_load_failure: Callable[[str], None] | None):
+    def __init__(self, source: Any, config: ServeConfig, on_load_failure: Callable[[str], None] | None,
+                 reload_signal: bool = False):
         self.source = source
         self.config = config
+        self.deployment: Any = None  # the Deployment served (the same object as classifier), if it is one
+        self.reload_signal = reload_signal  # SIGHUP makes the deployment look at the registry now
+        self.signal_installed = False
+        self.routes = set(ROUTES)  # the route label of metrics and logs; admin routes join when they exist
         self.models = RequestModels.build(config.max_top_k, config.max_batch_request)
         self.metrics = Metrics()
         self.classifier: Any = None
@@ -60,10 +69,17 @@ def _error_response(error: ApiError, state: _State) -> JSONResponse:
 
 
 def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
-               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
-    """A FastAPI app serving ``classifier_or_ref`` (a :class:`~speciesclf.Classifier`, or anything
-    ``Classifier.load`` takes, loaded in the background at startup). /readyz answers 200 once the model is
-    loaded and has made one warm-up prediction. Run it with uvicorn (``speciesclf serve``).
+               on_load_failure: Callable[[str], None] | None = None, reload_signal: bool = False) -> FastAPI:
+    """A FastAPI app serving ``classifier_or_ref`` (a :class:`~speciesclf.Classifier`, a
+    :class:`~speciesclf.rollout.Deployment`, or anything ``Classifier.load`` takes, loaded in the background
+    at startup). /readyz answers 200 once the model is loaded and has made one warm-up prediction. Run it
+    with uvicorn (``speciesclf serve``).
+
+    A registry reference (``name@production``, ``name@1.2.0`` of a name in the registry) is served as a
+    Deployment that follows the registry's aliases (a moved ``production`` is hot-reloaded, a ``candidate``
+    alias starts ``config.rollout``) and starts ``config.candidate``; with ``reload_signal`` (what
+    :func:`~speciesclf.serve.run` sets) SIGHUP makes it look at the aliases at once. With
+    ``config.admin_token_file`` the admin API exists under /v1/admin/.
 
     If the model cannot be loaded or warmed up, /readyz answers 503 "failed" and ``on_load_failure`` (if
     given) is called once, on the event loop, with a one-line reason: :func:`~speciesclf.serve.run` uses it
@@ -71,7 +87,8 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
     config = config if config is not None else ServeConfig()
     if not isinstance(config, ServeConfig):
         raise TypeError(f"config must be a ServeConfig, got {type(config).__name__}")
-    state = _State(classifier_or_ref, config, on_load_failure)
+    state = _State(classifier_or_ref, config, on_load_failure, reload_signal)
+    admin_token = config.admin_token()  # read now: a file removed since the config was made is an error here
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -85,6 +102,8 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
                 state.loader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await state.loader
+            if state.signal_installed:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if state.batcher is not None:
                 await state.batcher.stop(config.drain_timeout_s)
             if state.owns_classifier and state.classifier is not None:
@@ -139,7 +158,7 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
     async def models():
         clf = _require_ready(state)
         spec = clf.spec
-        return _body(ModelsBody(models=[{
+        info = {
             "model": clf.model,
             "labels": len(clf.labels),
             "device": clf.device,
@@ -148,8 +167,17 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
                 "std": list(spec.std), "interpolation": spec.interpolation, "dtype": spec.dtype,
                 "layout": spec.layout, "max_pixels": spec.max_pixels, "max_bytes": spec.max_bytes,
             },
-            "serving": {k: v for k, v in config.to_dict().items() if k not in ("host", "port")},
-        }]))
+            "serving": {k: v for k, v in config.to_dict().items() if k not in _PRIVATE_SETTINGS},
+        }
+        if state.deployment is None:
+            return _body(ModelsBody(models=[info]))
+        listed = [{**info, "arm": "primary"}]
+        candidate = state.deployment.candidate_model
+        if candidate is not None:
+            # A candidate gets traffic only once check_contract found its labels and preprocessing equal
+            # to the primary's, and it was loaded by the same loader on the same device.
+            listed.append({**info, "model": candidate, "arm": "candidate"})
+        return _body(ModelsBody(models=listed, rollout=_rollout_info(state.deployment)))
 
     @app.post("/v1/predict")
     async def predict(request: Request):
@@ -181,7 +209,10 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
         if p.error is not None:
             raise error_for_prediction(p.error)
         _count(state, p)
-        return JSONResponse(_prediction_dict(p, top_k))
+        headers = {"X-Model-Version": p.model}
+        if state.deployment is not None:  # outside a rollout the primary answers everything
+            headers["X-Model-Arm"] = p.arm or "primary"
+        return JSONResponse(_prediction_dict(p, top_k), headers=headers)
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request):
@@ -244,6 +275,11 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
         return JSONResponse({"predictions": out})
 
     state.predict_handlers = {"/v1/predict": predict, "/v1/predict/batch": predict_batch}
+    if admin_token is not None:
+        from .admin import add_admin_routes
+
+        add_admin_routes(app, state, admin_token)
+        state.routes |= set(ADMIN_ROUTES)
     return app
 
 
@@ -252,15 +288,35 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
 
 async def _load(state: _State) -> None:
     from ..model.classifier import Classifier
+    from ..rollout.deployment import Deployment
+    from ._deployment import build_deployment, is_registry_reference, registry_of
 
     loop = asyncio.get_running_loop()
+    config = state.config
     try:
         if isinstance(state.source, Classifier) or hasattr(state.source, "predict_batch"):
             clf = state.source
+            if isinstance(clf, Deployment):
+                state.metrics.watch(clf)
+        elif is_registry_reference(state.source, registry_of(config)):
+            clf = await loop.run_in_executor(None, build_deployment, state.source, config, _load_classifier,
+                                             state.metrics.observe_rollout)
+            state.owns_classifier = True
+            state.metrics.watch(clf)
+        elif config.candidate is not None or config.rollout is not None:
+            raise ValueError(f"a candidate or a rollout needs the model to be a registry reference "
+                             f"(name@production or name@VERSION of a name in the registry), not {state.source!r}")
         else:
-            clf = await loop.run_in_executor(None, _load_classifier, state.source)
+            registry = registry_of(config) if config.registry is not None else None
+            clf = await loop.run_in_executor(None, _load_classifier, state.source, registry)
             state.owns_classifier = True
         state.classifier = clf
+        if isinstance(clf, Deployment):
+            state.deployment = clf
+            if state.reload_signal and threading.current_thread() is threading.main_thread() \
+                    and hasattr(signal, "SIGHUP"):
+                loop.add_signal_handler(signal.SIGHUP, clf.wake)
+                state.signal_installed = True
         if state.config.warmup:
             import numpy as np
 
@@ -284,16 +340,36 @@ async def _load(state: _State) -> None:
             state.on_load_failure(state.load_error)
 
 
-def _load_classifier(source: Any):
+def _load_classifier(source: Any, registry: Any = None):
     from ..model.classifier import Classifier
 
     # The runtime shares this process's cores with the event loop and image decoding: ONNX Runtime's
     # busy-waiting intra-op threads would take CPU from them between ops (measured: slower per image once
     # anything else runs). Runtimes without that option (torch) refuse the keyword before loading anything.
     try:
-        return Classifier.load(source, runtime_options={"allow_spinning": False})
+        return Classifier.load(source, registry=registry, runtime_options={"allow_spinning": False})
     except TypeError:
-        return Classifier.load(source)
+        return Classifier.load(source, registry=registry)
+
+
+def _rollout_info(deployment: Any) -> dict:
+    """The "rollout" object of /v1/models: the shared state as this process last read it, and the last
+    candidate refused. Reasons name no server paths (a registry's folder is shown as <registry>)."""
+    status = deployment.status()
+    state = status.get("rollout") or {}
+    policy = state.get("policy") or {}
+    refused = status.get("refused")
+    root = str(getattr(deployment.rollout.registry, "root", "") or "")
+
+    def public(text: Any) -> Any:
+        return text.replace(root, "<registry>") if isinstance(text, str) and root else text
+
+    return {
+        "mode": policy.get("mode"), "phase": state.get("phase"), "candidate": state.get("candidate"),
+        "weight": deployment.rollout.weight, "step": state.get("step"), "steps": list(policy.get("steps") or []),
+        "reason": public(state.get("reason")), "gates": state.get("gates") or {},
+        "refused": None if refused is None else {**refused, "reason": public(refused.get("reason"))},
+    }
 
 
 async def _start(state: _State, request: Request, route: str) -> tuple[float, int | None, bytes, str]:
@@ -308,6 +384,12 @@ async def _start(state: _State, request: Request, route: str) -> tuple[float, in
         top_k = state.models.top_k_text(given[0] if given else None, "the query parameter")
     except ValueError as e:
         raise ApiError(422, "invalid_request", str(e)) from None
+    key = request.headers.get("x-routing-key")
+    if key is not None and not _ROUTING_KEY.fullmatch(key):
+        problem = f"got {len(key)}" if len(key) > 256 else "got an empty one" if not key else \
+            "got other characters"
+        raise ApiError(422, "invalid_request", f"X-Routing-Key must be 1 to 256 printable ASCII characters; {problem}")
+    request.scope.setdefault("speciesclf", {})["routing_key"] = key
     kind = _body_kind(request)
     if kind not in ROUTES[route].bodies:  # the same table the OpenAPI document lists the body types from
         raise ApiError(415, "invalid_request", f"{route} takes a JSON or multipart body, not "
@@ -443,7 +525,7 @@ async def _infer(state: _State, request: Request, images: list[bytes], top_k: in
     info = request.scope.setdefault("speciesclf", {})
     timeout_s = deadline - asyncio.get_running_loop().time()
     try:
-        predictions, batch_size = await state.batcher.predict(images, top_k, timeout_s)
+        predictions, batch_size = await state.batcher.predict(images, top_k, timeout_s, info.get("routing_key"))
     except QueueFull as e:
         raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from None
     except DeadlineExceeded as e:
@@ -486,7 +568,7 @@ class _RequestMiddleware:
         # a "/" as Starlette's router cuts it ("/v" is no prefix of "/v1/predict").
         if root_path and (path == root_path or path.startswith(root_path + "/")):
             path = path[len(root_path):]
-        route = path if path in _ROUTES else "other"
+        route = path if path in self.state.routes else "other"
         info = scope.setdefault("speciesclf", {})
         info["request_id"] = request_id
         status = {"code": 500, "started": False}

@@ -39,10 +39,12 @@ class ShuttingDown(Exception):
 
 class _Job:
     __slots__ = ("images", "top_k", "deadline", "future", "state", "enqueued", "dispatched", "results", "missing",
-                 "largest_batch")
+                 "largest_batch", "routing_key")
 
-    def __init__(self, images: list[bytes], top_k: int, deadline: float, future: asyncio.Future):
+    def __init__(self, images: list[bytes], top_k: int, deadline: float, future: asyncio.Future,
+                 routing_key: str | None = None):
         self.images = images
+        self.routing_key = routing_key  # the request's X-Routing-Key, for every image of it
         self.top_k = top_k
         self.deadline = deadline  # loop.time()
         self.future = future
@@ -59,7 +61,11 @@ class Batcher:
     """Start with :meth:`start` on the running loop; :meth:`predict` from request handlers."""
 
     def __init__(self, classifier: Any, config: ServeConfig, metrics: Metrics):
+        from ..rollout.deployment import Deployment
+
         self.classifier = classifier
+        # Only a Deployment routes: a Classifier's predict_batch takes no routing keys.
+        self._routes = isinstance(classifier, Deployment)
         self.config = config
         self.metrics = metrics
         self._queue: collections.deque[_Job] = collections.deque()
@@ -84,8 +90,10 @@ class Batcher:
         self._slots = asyncio.Semaphore(self.config.batches_in_flight)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="speciesclf-serve-batcher")
 
-    async def predict(self, images: list[bytes], top_k: int, timeout_s: float) -> tuple[list[Any], int]:
-        """Predictions for ``images`` (in order) and the size of the batch they ran in."""
+    async def predict(self, images: list[bytes], top_k: int, timeout_s: float,
+                      routing_key: str | None = None) -> tuple[list[Any], int]:
+        """Predictions for ``images`` (in order) and the size of the batch they ran in. ``routing_key`` (a
+        Deployment's; default: each image's bytes) decides which version answers them."""
         if self._stopping or self._task is None:
             raise ShuttingDown("the service is shutting down")
         n = len(images)
@@ -95,7 +103,7 @@ class Batcher:
             backlog = self._queued_images + self.metrics.in_flight
             raise QueueFull(max(1, int(backlog / max(self._throughput, 1.0) + 0.999)))
         loop = asyncio.get_running_loop()
-        job = _Job(images, top_k, loop.time() + timeout_s, loop.create_future())
+        job = _Job(images, top_k, loop.time() + timeout_s, loop.create_future(), routing_key)
         self._queue.append(job)
         self._set_queued(self._queued_images + n)
         self._wakeup.set()
@@ -196,13 +204,18 @@ class Batcher:
         if not live:
             return
         images = [image for job, first, end in live for image in job.images[first:end]]
+        keys = None
+        if self._routes and any(job.routing_key is not None for job, _, _ in live):
+            # An image without a key is routed by its bytes, as the Deployment itself would.
+            keys = [job.routing_key if job.routing_key is not None else image
+                    for job, first, end in live for image in job.images[first:end]]
         top_k = max(job.top_k for job, _, _ in live)
         self.metrics.in_flight += len(images)
         self.metrics.batch(len(images))
         self.last_batch_size = len(images)
         start = time.perf_counter()
         try:
-            predictions = await loop.run_in_executor(self._executor, self._predict, images, top_k)
+            predictions = await loop.run_in_executor(self._executor, self._predict, images, top_k, keys)
         except Exception as e:  # a runtime failure: every request of this batch gets it
             for job, _, _ in live:
                 # A job dropped meanwhile (its request timed out or went away) has nobody to tell.
@@ -225,9 +238,12 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_result((job.results, job.largest_batch))
 
-    def _predict(self, images: list[bytes], top_k: int) -> list[Any]:
+    def _predict(self, images: list[bytes], top_k: int, keys: list[Any] | None = None) -> list[Any]:
         # In the inference thread: the per-stage histograms cost the event loop nothing.
-        predictions = self.classifier.predict_batch(images, top_k=top_k)
+        if keys is None:
+            predictions = self.classifier.predict_batch(images, top_k=top_k)
+        else:
+            predictions = self.classifier.predict_batch(images, top_k=top_k, routing_keys=keys)
         self.metrics.stages(predictions)
         return predictions
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
+from pathlib import Path
 
 from ..sources.fetch import host_pattern
 from ..preprocessing.spec import DEFAULT_MAX_PIXELS
@@ -53,6 +55,15 @@ class ServeConfig:
     url_max_bytes: int = 10 * 2**20
     url_max_concurrent: int = 16  # fetches in flight at once, over all requests
     url_max_length: int = 2048
+    # A rollout (docs/rollout.md), used when the model is a registry reference (name@alias or name@version):
+    # the service then serves a Deployment that follows the registry's aliases.
+    rollout: str | None = None  # the policy of rollouts it starts: "canary[:5,25,50,100]" or "shadow[:share]"
+    candidate: str | None = None  # a version (or name@version|alias) to start a rollout of at start-up
+    # The admin API (/v1/admin/) exists only with a token: the stripped content of this file. The file's
+    # path may be shown; the token never is (not in to_dict(), logs or /v1/models).
+    admin_token_file: str | None = None
+    watch_interval_s: float = 2.0  # how often the registry's aliases are looked at (also on SIGHUP)
+    registry: str | None = None  # the registry's folder; default: $SPECIESCLF_HOME/registry
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -92,6 +103,39 @@ class ServeConfig:
         if not isinstance(self.warmup, bool):
             raise ValueError(f"ServeConfig.warmup must be a bool, got {self.warmup!r}")
         self._check_urls()
+        self._check_rollout()
+
+    def _check_rollout(self) -> None:
+        from ..rollout.policy import parse_rollout
+
+        for name in ("rollout", "candidate", "admin_token_file", "registry"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"ServeConfig.{name} must be a non-empty string or None, got {value!r}")
+        if self.rollout is not None:
+            parse_rollout(self.rollout)  # RolloutSpecError (a ValueError) says what is wrong
+        value = self.watch_interval_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"ServeConfig.watch_interval_s must be a number > 0, got {value!r}")
+        object.__setattr__(self, "watch_interval_s", float(value))
+        if self.admin_token_file is not None:
+            self.admin_token()  # the file must be there and hold a token now, not at the first admin call
+
+    def admin_token(self) -> str | None:
+        """The admin API's bearer token (read from ``admin_token_file``), or None when it has none."""
+        if self.admin_token_file is None:
+            return None
+        path = Path(self.admin_token_file).expanduser()
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"ServeConfig.admin_token_file: cannot read {path}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        if not token:
+            raise ValueError(f"ServeConfig.admin_token_file: {path} is empty; put the admin token in it")
+        if any(c.isspace() or not c.isprintable() for c in token):
+            raise ValueError(f"ServeConfig.admin_token_file: the token in {path} has spaces or control characters")
+        return token
 
     def _check_urls(self) -> None:
         if not isinstance(self.url_inputs, bool):

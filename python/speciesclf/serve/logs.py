@@ -30,13 +30,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: int = logging.INFO, stream=None) -> logging.Handler:
-    """Send ``speciesclf.serve`` logs, and Python warnings (e.g. Pillow's about a corrupt file), as JSON lines
-    to ``stream`` (default stderr). For a process that is the service: it routes warnings process-wide."""
+    """Send ``speciesclf.serve`` logs, the rollout's (``speciesclf.rollout``: one line per verdict, refused
+    candidates, reloads), and Python warnings (e.g. Pillow's about a corrupt file), as JSON lines to
+    ``stream`` (default stderr). For a process that is the service: it routes warnings process-wide."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
+    for name in ("speciesclf.serve", "speciesclf.rollout"):
+        service_logger = logging.getLogger(name)
+        service_logger.addHandler(handler)
+        service_logger.setLevel(level)
+        service_logger.propagate = False
     logging.captureWarnings(True)
     warnings_logger = logging.getLogger("py.warnings")
     warnings_logger.addHandler(handler)

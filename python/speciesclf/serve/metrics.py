@@ -43,7 +43,15 @@ class Metrics:
     ``speciesclf_request_duration_seconds{route}``, ``speciesclf_batch_size``, ``speciesclf_queue_depth``,
     ``speciesclf_inflight_images``, ``speciesclf_errors_total{code}``, ``speciesclf_predictions_total{label}``,
     ``speciesclf_model_info{model}``, ``speciesclf_ready``; and ``speciesclf_stage_duration_seconds{stage}``
-    (queue, decode, preprocess, inference)."""
+    (queue, decode, preprocess, inference).
+
+    Serving a Deployment (a rollout), :meth:`observe_rollout` is its observer and adds, per version and arm,
+    ``speciesclf_version_images_total``, ``speciesclf_version_errors_total`` and
+    ``speciesclf_version_call_duration_seconds``; per candidate version ``speciesclf_rollout_compared_total``,
+    ``speciesclf_rollout_disagreements_total``, ``speciesclf_rollout_shed_total`` and
+    ``speciesclf_rollout_fallbacks_total``; the gauges ``speciesclf_rollout_weight`` and
+    ``speciesclf_rollout_gate_llr{gate}``; and ``speciesclf_rollout_verdicts_total{verdict}`` (each process
+    counts the verdicts it decided, so the sum over workers counts each verdict once)."""
 
     content_type = CONTENT_TYPE_PLAIN_0_0_4
 
@@ -75,6 +83,32 @@ class Metrics:
                                  registry=r, multiprocess_mode="livemax")
         self._ready = Gauge(f"{prefix}_ready", "1 once the model is loaded and warmed up.", registry=r,
                             multiprocess_mode="livemin")
+        versioned = ("version", "arm")
+        self._version_images = Counter(f"{prefix}_version_images", "Images answered (or, in a shadow, copied) per "
+                                       "model version and arm.", versioned, registry=r)
+        self._version_errors = Counter(f"{prefix}_version_errors", "Images a version failed on (the primary then "
+                                       "answered those of a candidate), per version and arm.", versioned, registry=r)
+        self._version_latency = Histogram(f"{prefix}_version_call_duration_seconds", "Seconds per inference call, per "
+                                          "model version and arm.", versioned, buckets=STAGE_BUCKETS, registry=r)
+        self._compared = Counter(f"{prefix}_rollout_compared", "Images both versions answered, compared, per "
+                                 "candidate version.", ("version",), registry=r)
+        self._disagreements = Counter(f"{prefix}_rollout_disagreements", "Compared images whose top-1 differed, per "
+                                      "candidate version.", ("version",), registry=r)
+        self._shed = Counter(f"{prefix}_rollout_shed", "Images not compared because the comparison queue was full, "
+                             "per candidate version.", ("version",), registry=r)
+        self._fallbacks = Counter(f"{prefix}_rollout_fallbacks", "Candidate requests that failed and were answered "
+                                  "by the primary, per candidate version.", ("version",), registry=r)
+        self._verdicts = Counter(f"{prefix}_rollout_verdicts", "Rollout verdicts (start, advance, promote, "
+                                 "rollback, pause, ...) decided by this service.", ("verdict",), registry=r)
+        # Every worker reads the same shared rollout state: the live workers' largest value is that value.
+        self._weight = Gauge(f"{prefix}_rollout_weight", "The share of routing keys sent to the candidate (0..1).",
+                             registry=r, multiprocess_mode="livemax")
+        self._gate_llr = Gauge(f"{prefix}_rollout_gate_llr", "Each gate's log-likelihood ratio (it trips at "
+                               "ln(1/alpha)).", ("gate",), registry=r, multiprocess_mode="livemax")
+        self._rollout: Any = None  # the Deployment observed
+        self._verdicts_seen: dict[str, int] = {}
+        self._fallbacks_seen = 0
+        self._last_candidate = "none"
         # The label children of the hot path, looked up once (prometheus_client's .labels() takes a lock).
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._error_children: dict[str, Any] = {}
@@ -168,6 +202,76 @@ class Metrics:
             child = self._prediction_children[label] = self._predictions.labels(label)
         child.inc()
         self.predictions_returned += 1
+
+    # --- a rollout ---------------------------------------------------------------------------------------
+
+    def watch(self, deployment: Any) -> None:
+        """Observe ``deployment``: its events come to :meth:`observe_rollout` (another observer it had is kept)."""
+        self._rollout = deployment
+        previous = deployment.observer
+        if previous == self.observe_rollout:  # built with this observer already
+            return
+        if previous is None:
+            deployment.observer = self.observe_rollout
+        else:
+            def both(event: str, **fields: Any) -> None:
+                self.observe_rollout(event, **fields)
+                previous(event, **fields)
+
+            deployment.observer = both
+
+    def observe_rollout(self, event: str, **fields: Any) -> None:
+        """A Deployment's observer: ``batch``, ``shed``, ``compare``, ``verdicts`` and ``sync`` events. Never
+        raises: a metric must not fail the request it counts."""
+        try:
+            self._observe(event, fields)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _observe(self, event: str, fields: dict) -> None:
+        if event == "batch":
+            key = (fields["version"], fields["arm"])
+            if fields["arm"] == "candidate":
+                self._last_candidate = fields["version"]
+            self._version_images.labels(*key).inc(fields["images"])
+            if fields["errors"]:
+                self._version_errors.labels(*key).inc(fields["errors"])
+            self._version_latency.labels(*key).observe(fields["seconds"])
+        elif event == "shed":
+            self._shed.labels(self._candidate_version()).inc(fields["images"])
+        elif event == "compare":
+            version = self._candidate_version()
+            self._compared.labels(version).inc(fields["images"])
+            if fields["disagreements"]:
+                self._disagreements.labels(version).inc(fields["disagreements"])
+        elif event == "verdicts":
+            # ``total`` is what this process decided so far; the counter moves by what is new.
+            verdict, total = fields["verdict"], int(fields["total"])
+            new = total - self._verdicts_seen.get(verdict, 0)
+            if new > 0:
+                self._verdicts.labels(verdict).inc(new)
+            self._verdicts_seen[verdict] = total
+        elif event == "sync":
+            self._sync(fields.get("status"))
+
+    def _sync(self, status: dict | None) -> None:
+        deployment = self._rollout
+        if deployment is not None:
+            fallbacks = int(deployment.local.get("fallbacks", 0))
+            if fallbacks > self._fallbacks_seen:
+                self._fallbacks.labels(self._candidate_version()).inc(fallbacks - self._fallbacks_seen)
+            self._fallbacks_seen = fallbacks
+            self._weight.set(deployment.rollout.weight)
+        for gate, value in ((status or {}).get("gates") or {}).items():
+            self._gate_llr.labels(gate).set(value.get("llr") or 0.0)
+
+    def _candidate_version(self) -> str:
+        """The candidate's version, or the last one seen: counts that arrive just after it was dropped (a
+        rollback) still name it."""
+        model = getattr(self._rollout, "candidate_model", None)
+        if model:
+            self._last_candidate = model.rpartition("@")[2]
+        return self._last_candidate
 
     # --- the page --------------------------------------------------------------------------------------
 

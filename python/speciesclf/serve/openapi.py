@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from .schemas import ROUTES, BatchResponse, ErrorBody, NotReady, RequestModels
+from .schemas import ADMIN_ROUTES, ROUTES, BatchResponse, ErrorBody, NotReady, RequestModels
 
 __all__ = ["openapi_document"]
 
@@ -33,6 +33,8 @@ def openapi_document(app: Any, models: RequestModels) -> dict[str, Any]:
         "/v1/predict/batch": {"json": models.batch_json, "multipart": models.batch_form},
     }
     inputs = [m for bodies in request_bodies.values() for m in bodies.values()]
+    admin = {path: doc_and_body for path, doc_and_body in ADMIN_ROUTES.items() if path in doc["paths"]}
+    inputs += [body for _, body in admin.values() if body is not None]
     outputs = {route.ok for route in ROUTES.values() if route.ok is not None} | {ErrorBody, NotReady, BatchResponse}
     _, schema = models_json_schema([(m, "validation") for m in inputs]
                                    + [(m, "serialization") for m in sorted(outputs, key=lambda m: m.__name__)],
@@ -49,7 +51,16 @@ def openapi_document(app: Any, models: RequestModels) -> dict[str, Any]:
         {"name": "X-Request-Timeout-Ms", "in": "header", "required": False,
          "description": "this request's deadline (default: the service's default_timeout_ms)",
          "schema": {"type": "integer", "minimum": 1, "maximum": app.state.serve.config.max_timeout_ms}},
+        {"name": "X-Routing-Key", "in": "header", "required": False,
+         "description": "with a rollout: the key that decides which version answers (the same key, the same "
+                        "version while the weight holds or grows); default: the image's bytes",
+         "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,256}$"}},
     ]
+    answered_by = {
+        "X-Model-Version": {"description": "name@version of the version that answered", "schema": {"type": "string"}},
+        "X-Model-Arm": {"description": "with a rollout: primary or candidate",
+                        "schema": {"type": "string", "enum": ["primary", "candidate"]}},
+    }
     for path, route in ROUTES.items():
         operation = doc["paths"][path][route.method]
         responses: dict[str, Any] = {}
@@ -61,6 +72,8 @@ def openapi_document(app: Any, models: RequestModels) -> dict[str, Any]:
         for status, text in sorted(route.errors.items()):
             responses[str(status)] = {"description": text,
                                       "content": {"application/json": {"schema": _ref(error_model)}}}
+        if path == "/v1/predict":
+            responses["200"]["headers"] = answered_by
         operation["responses"] = responses
         if not route.bodies:
             continue
@@ -74,4 +87,16 @@ def openapi_document(app: Any, models: RequestModels) -> dict[str, Any]:
                 content[_MEDIA[kind]] = {"schema": _ref(request_bodies[path][kind])}
         operation["requestBody"] = {"required": True, "content": content}
         operation["parameters"] = [top_k, *headers]
+    bearer = {"bearer": []}
+    for path, (route, body) in admin.items():
+        operation = doc["paths"][path][route.method]
+        operation["security"] = [bearer]
+        operation["responses"] = {
+            "200": {"description": route.ok_text, "content": {"application/json": {"schema": {"type": "object"}}}},
+            **{str(status): {"description": text, "content": {"application/json": {"schema": _ref(ErrorBody)}}}
+               for status, text in sorted(route.errors.items())}}
+        if body is not None:
+            operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": _ref(body)}}}
+    if admin:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return doc

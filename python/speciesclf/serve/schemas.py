@@ -16,8 +16,9 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictInt, St
                       create_model, model_validator)
 
 __all__ = [
-    "BatchResponse", "ErrorBody", "ErrorDetail", "Health", "ModelsBody", "NotReady", "PredictionBody", "Ready",
-    "RequestModels", "RouteDoc", "ROUTES", "TopKEntry", "UrlInput", "too_many_items", "validation_message",
+    "ADMIN_ROUTES", "BatchResponse", "ErrorBody", "ErrorDetail", "Health", "ModelsBody", "NotReady",
+    "PredictionBody", "Ready", "ReasonRequest", "RequestModels", "RolloutInfo", "RouteDoc", "ROUTES",
+    "StartRequest", "TopKEntry", "UrlInput", "WeightRequest", "too_many_items", "validation_message",
 ]
 
 DEFAULT_TOP_K = 5
@@ -192,7 +193,8 @@ def _place(loc: list) -> str:
 ERROR_CODES_TEXT = ("stable: invalid_base64, empty_input, url_not_allowed, url_fetch_failed, unsupported_format, "
                     "image_too_large, image_too_small, decode_error, invalid_request, too_many_images, queue_full, "
                     "deadline_exceeded, inference_timeout, not_ready, shutting_down, server_busy, client_closed, "
-                    "model_error, internal, not_found, method_not_allowed (see docs/serve.md)")
+                    "model_error, internal, not_found, method_not_allowed; the admin API's: unauthorized, forbidden, "
+                    "rollout_conflict, candidate_refused, invalid_rollout (see docs/serve.md)")
 
 
 class ErrorDetail(_Body):
@@ -268,11 +270,62 @@ class ModelInfo(_Body):
     labels: int
     device: str
     preprocessing: Preprocessing
-    serving: dict[str, Any] = Field(description="the effective ServeConfig, host and port aside")
+    serving: dict[str, Any] = Field(description="the effective ServeConfig, host, port and file paths aside")
+    arm: Literal["primary", "candidate"] | None = Field(
+        default=None, description="with a rollout: which arm this version serves")
+
+
+class GateInfo(_Body):
+    n: int = Field(description="events the gate has seen")
+    events: int
+    rate: float | None
+    p0: float
+    p1: float
+    llr: float = Field(description="the sequential test's log-likelihood ratio; it trips at threshold")
+    threshold: float
+    active: bool
+    tripped: bool
+
+
+class RefusedInfo(_Body):
+    version: str
+    reason: str
+    at: float = Field(description="when (Unix time)")
+
+
+class RolloutInfo(_Body):
+    """The rollout of a service that serves a Deployment (see docs/rollout.md)."""
+
+    mode: Literal["canary", "shadow"] | None = Field(description="null before any rollout")
+    phase: str | None = Field(description="running, paused, promoting, promoted, rolled_back or aborted")
+    candidate: str | None = Field(description="the version being (or last) rolled out")
+    weight: float = Field(description="the share of routing keys the candidate answers now (0..1)")
+    step: int | None = Field(description="the index of the canary step")
+    steps: list[float] = Field(description="the canary's steps, in percent")
+    reason: str | None = Field(description="why the last pause, promotion, rollback or abort happened")
+    gates: dict[str, GateInfo]
+    refused: RefusedInfo | None = Field(description="the last candidate refused (it never got traffic), and why")
 
 
 class ModelsBody(_Body):
-    models: list[ModelInfo]
+    models: list[ModelInfo] = Field(description="the primary first; with a rollout, its candidate after it")
+    rollout: RolloutInfo | None = Field(default=None, description="present when the service serves a Deployment")
+
+
+class StartRequest(_Body):
+    """Start a rollout of ``candidate`` (replacing one that runs)."""
+
+    candidate: StrictStr = Field(description="a version (1.1.0) or name@version of the served model")
+    rollout: StrictStr | None = Field(default=None, description="canary[:5,25,50,100] or shadow[:share]; default: "
+                                                                "the service's --rollout, else canary")
+
+
+class ReasonRequest(_Body):
+    reason: StrictStr | None = Field(default=None, description="logged with the verdict and kept in the history")
+
+
+class WeightRequest(_Body):
+    weight: float = Field(ge=0, le=1, strict=True, description="the share of routing keys for the candidate")
 
 
 # --- routes --------------------------------------------------------------------------------------------------
@@ -284,6 +337,9 @@ _STATUS_TEXT = {
     422: "invalid_request (a body, field, query parameter or header the route does not take as sent), "
          "decode_error, image_too_large (pixels) or image_too_small",
     429: "queue_full: see Retry-After",
+    401: "unauthorized: no 'Authorization: Bearer <token>' header (see WWW-Authenticate)",
+    403: "forbidden: a bearer token that is not the service's admin token",
+    409: "rollout_conflict (not possible in the rollout's phase) or candidate_refused (it cannot get traffic)",
     499: "client_closed: the client left before sending its whole body (nobody reads this answer)",
     500: "model_error (the model's scores were not finite) or internal",
     503: "not_ready, shutting_down, server_busy (see Retry-After) or deadline_exceeded (while queued)",
@@ -318,4 +374,18 @@ ROUTES: dict[str, RouteDoc] = {
     "/readyz": RouteDoc("get", (), Ready, "the model is loaded and warmed up",
                         {503: "the model is loading, or failed to load (a NotReady body, not an error body)"}),
     "/metrics": RouteDoc("get", (), None, "Prometheus text format"),
+}
+
+_ADMIN_ERRORS = {s: _STATUS_TEXT[s] for s in (401, 403, 409)} | {
+    422: "invalid_request (a body the route does not take) or invalid_rollout (a rollout spec or weight that "
+         "cannot be used)",
+    503: "not_ready: the model is loading, or the service serves a single model, not a Deployment"}
+_STATUS_OK = "the rollout's status: Deployment.status()"
+# The admin API (routes registered only when the service has an admin token) and each route's JSON body.
+ADMIN_ROUTES: dict[str, tuple[RouteDoc, type[BaseModel] | None]] = {
+    "/v1/admin/rollout": (RouteDoc("get", (), None, _STATUS_OK, _ADMIN_ERRORS), None),
+    "/v1/admin/rollout/start": (RouteDoc("post", ("json",), None, _STATUS_OK, _ADMIN_ERRORS), StartRequest),
+    **{f"/v1/admin/rollout/{action}": (RouteDoc("post", ("json",), None, _STATUS_OK, _ADMIN_ERRORS), ReasonRequest)
+       for action in ("pause", "resume", "promote", "rollback")},
+    "/v1/admin/rollout/weight": (RouteDoc("post", ("json",), None, _STATUS_OK, _ADMIN_ERRORS), WeightRequest),
 }
