@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 from rollout_bundles import GOOD, PRIMARY, SHUFFLED, make_registry
-from speciesclf.rollout import Deployment, parse_rollout
+from speciesclf.rollout import Deployment, RolloutError, parse_rollout
 
 pytestmark = pytest.mark.shared
 
@@ -53,6 +53,8 @@ def test_the_registry_drives_the_deployment(registry, photos):
         assert d.candidate_model is None
         d.refresh()  # a rejected version is not started again
         assert d.rollout.state["phase"] == "rolled_back"
+        with pytest.raises(RolloutError, match="was rejected"):
+            d.start_candidate(f"species100@{SHUFFLED}")
 
         # A corrupt version: refused with the reason, the primary keeps answering.
         model_file = next((registry.root / "species100" / "versions" / "1.3.0").glob("*.onnx"))

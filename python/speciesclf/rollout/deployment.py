@@ -269,12 +269,17 @@ class Deployment:
             old.retire()
 
     def start_candidate(self, ref_or_classifier: Any, policy: RolloutPolicy | None = None, *,
-                        restart: bool = False) -> dict:
+                        restart: bool = False, force: bool = False) -> dict:
         """Load (a reference) or take (a classifier), check and warm up a candidate, then start ``policy``
         on it. A candidate that fails any of that raises :class:`CandidateRefused` and gets no traffic.
         A rollout of the same version already running (started by another worker) is joined, not restarted,
-        unless ``restart``."""
+        unless ``restart``. A version the registry marked rejected is refused unless ``force``."""
         policy = policy or (self._watch or {}).get("policy") or RolloutPolicy()
+        if isinstance(ref_or_classifier, str) and self._registry is not None and not force:
+            rejected = self._registry.rejections(self.name).get(_version_of(ref_or_classifier))
+            if rejected is not None:
+                raise RolloutError(f"{self.name}@{_version_of(ref_or_classifier)} was rejected "
+                                   f"({rejected.get('reason')}); start it with force=True to try it again")
         if isinstance(ref_or_classifier, str):
             if self._loader is None:
                 raise RolloutError("this deployment has no registry: pass a loaded Classifier")
@@ -282,7 +287,7 @@ class Deployment:
                 classifier = self._loader(ref_or_classifier)
             except Exception as e:  # noqa: BLE001 - any load failure is a refusal with its reason
                 reason = " ".join(f"it failed to load ({type(e).__name__}: {e})".split())
-                self.refused = {"version": ref_or_classifier, "reason": reason, "at": time.time()}
+                self.refused = {"version": _version_of(ref_or_classifier), "reason": reason, "at": time.time()}
                 logger.warning("candidate refused", extra={"fields": {"rollout": self.name,
                                                                        "candidate": ref_or_classifier,
                                                                        "reason": reason}})
