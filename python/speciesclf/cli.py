@@ -764,7 +764,8 @@ class _AdminError(RuntimeError):
 
 
 def _rollout_spec(text: str) -> str:
-    """argparse type of --rollout: a spec that does not parse is a usage error (exit 2) before anything runs."""
+    """argparse type of --rollout (rollout start, serve): a spec that does not parse is a usage error (exit 2)
+    before anything loads or runs."""
     from .rollout import RolloutSpecError, parse_rollout
 
     try:
@@ -1124,17 +1125,6 @@ _SERVE_FLAGS = {
 }
 
 
-def _serve_rollout_spec(text: str) -> str:
-    """--rollout's type: a spec that does not parse is a usage error (exit 2) before any model loads."""
-    from .rollout import RolloutSpecError, parse_rollout
-
-    try:
-        parse_rollout(text)
-    except RolloutSpecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def _serve_config_error(message: str) -> str:
     """ServeConfig's error in the words of the command line: its field names become the flags that set them,
     so the message names what the user can change."""
@@ -1220,7 +1210,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--candidate", metavar="REF",
                    help="start a rollout of this version (1.1.0, or name@version|alias) beside --model at start-up, "
                         "unless the registry's rollout state already runs it")
-    p.add_argument("--rollout", type=_serve_rollout_spec, metavar="SPEC",
+    p.add_argument("--rollout", type=_rollout_spec, metavar="SPEC",
                    help="the rollout policy: canary[:5,25,50,100] (percent steps) or shadow[:SHARE]; used for "
                         "--candidate and when the registry alias 'candidate' is pointed at a version (default canary)")
     p.add_argument("--admin-token-file", metavar="FILE",
