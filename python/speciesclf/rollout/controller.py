@@ -93,8 +93,6 @@ class Rollout:
             counts["compared"] += compared
             counts["shed"] += shed
             counts["failed"] += failed
-            if self.state is not None and self.state.get("policy", {}).get("mode") == "shadow":
-                self._pending_step += compared
 
     def record_feedback(self, arm: str, correct: bool) -> None:
         """A person's label for a prediction the ``arm`` made: the input of the accuracy gate (the capture
@@ -230,9 +228,13 @@ class Rollout:
             history = [] if state is None else list(state.get("history", []))
             if state is not None and state["phase"] == "promoting":
                 raise RolloutError(f"the promotion of {self.name}@{state['candidate']} is not finished yet")
-            if state is not None and state["phase"] in ACTIVE_PHASES:
-                if join and state["candidate"] == candidate and state["primary"] == primary:
+            if join and state is not None and state["candidate"] == candidate and state["primary"] == primary:
+                if state["phase"] in ACTIVE_PHASES:
                     return state
+                if state["phase"] in ("rolled_back", "promoting", "promoted"):
+                    # Judged while this process was loading it (another worker): not started again.
+                    raise RolloutError(f"the rollout of {self.name}@{candidate} already ended: {state['phase']}")
+            if state is not None and state["phase"] in ACTIVE_PHASES:
                 if not replace:
                     raise RolloutError(f"a rollout of {self.name}@{state['candidate']} is {state['phase']}; "
                                        "roll it back, promote it or abort it first")

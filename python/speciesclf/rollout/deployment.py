@@ -188,7 +188,10 @@ class Deployment:
         self.observer = observer
         self.timer = timer
         self._rng = rng or random.Random()
-        self._swap = threading.Lock()
+        self._swap = threading.Lock()  # the request path's: which versions a call uses
+        # The control path's (sync, refresh, starting a candidate, close): one change of versions at a time,
+        # so that no two of them act on the same state (a promotion swapped twice, a new candidate dropped).
+        self._control = threading.RLock()
         self._latency = _LatencyReference()
         self._queue: queue.Queue = queue.Queue()
         self._queued_images = 0
@@ -263,8 +266,13 @@ class Deployment:
             if owned:
                 classifier.close()
             raise CandidateRefused(f"{classifier.model} receives no traffic: {reason}")
-        with self._swap:
-            old, self._candidate = self._candidate, _Slot(classifier, owned=owned)
+        with self._control:
+            if self._closed:
+                if owned:
+                    classifier.close()
+                raise RolloutError("Deployment is closed")
+            with self._swap:
+                old, self._candidate = self._candidate, _Slot(classifier, owned=owned)
         if old is not None:
             old.retire()
 
@@ -274,12 +282,25 @@ class Deployment:
         on it. A candidate that fails any of that raises :class:`CandidateRefused` and gets no traffic.
         A rollout of the same version already running (started by another worker) is joined, not restarted,
         unless ``restart``. A version the registry marked rejected is refused unless ``force``."""
+        with self._control:
+            return self._start_candidate(ref_or_classifier, policy, restart=restart, force=force)
+
+    def _start_candidate(self, ref_or_classifier: Any, policy: RolloutPolicy | None, *, restart: bool,
+                         force: bool) -> dict:
         policy = policy or (self._watch or {}).get("policy") or RolloutPolicy()
-        if isinstance(ref_or_classifier, str) and self._registry is not None and not force:
-            rejected = self._registry.rejections(self.name).get(_version_of(ref_or_classifier))
-            if rejected is not None:
-                raise RolloutError(f"{self.name}@{_version_of(ref_or_classifier)} was rejected "
-                                   f"({rejected.get('reason')}); start it with force=True to try it again")
+        if isinstance(ref_or_classifier, str) and self._registry is not None:
+            # An alias ("m@candidate") is resolved first: the rejection is of the version it names.
+            try:
+                version = self._registry.resolve(ref_or_classifier).name
+            except Exception as e:  # noqa: BLE001 - an unknown version is a refusal with its reason
+                reason = " ".join(f"it cannot be found ({type(e).__name__}: {e})".split())
+                self.refused = {"version": _version_of(ref_or_classifier), "reason": reason, "at": time.time()}
+                raise CandidateRefused(f"{ref_or_classifier} receives no traffic: {reason}") from None
+            ref_or_classifier = f"{self.name}@{version}"
+            rejected = self._registry.rejections(self.name).get(version)
+            if rejected is not None and not force:
+                raise RolloutError(f"{self.name}@{version} was rejected ({rejected.get('reason')}); start it with "
+                                   "force=True to try it again")
         if isinstance(ref_or_classifier, str):
             if self._loader is None:
                 raise RolloutError("this deployment has no registry: pass a loaded Classifier")
@@ -301,8 +322,18 @@ class Deployment:
             raise RolloutError(f"{classifier.model} is already the primary")
         self._attach_candidate(classifier, owned)
         self.refused = None
-        return self.rollout.start(self._primary.version, self._candidate.version, policy, replace=True,
-                                  join=not restart)
+        if force and self._registry is not None:
+            self._registry.unreject(self.name, _version_of(classifier.model))
+        version = _version_of(classifier.model)
+        state = self.rollout.state
+        # A person forcing a judged version again starts it afresh; otherwise a rollout of the same version
+        # is joined (and one judged while it loaded is not started again).
+        fresh = restart or (force and (state is None or state["phase"] not in ACTIVE_PHASES))
+        try:
+            return self.rollout.start(self._primary.version, version, policy, replace=True, join=not fresh)
+        except BaseException:
+            self._drop_candidate()
+            raise
 
     # --- the predict API ----------------------------------------------------------------------------
 
@@ -380,7 +411,11 @@ class Deployment:
     def _route(self, items: list[Any], keys: list[Any], primary: _Slot, candidate: _Slot | None, top_k: int,
                options: dict) -> list[Any]:
         rollout = self.rollout
-        mode = rollout.mode if candidate is not None and rollout.active else None
+        state = rollout.state
+        # Only the version the shared state rolls out gets its traffic (and its statistics): another worker
+        # or a person may have replaced it since this process loaded its candidate.
+        serving = candidate is not None and rollout.active and state["candidate"] == candidate.version
+        mode = rollout.mode if serving else None
         weight = rollout.weight if mode == "canary" else 0.0
         hashes = [routing_hash(k) if k is not None else self._rng.random() for k in keys]
         to_candidate = [i for i, h in enumerate(hashes) if h < weight]
@@ -554,8 +589,9 @@ class Deployment:
     def sync(self) -> dict | None:
         """Share this process's counts, let the rollout decide, and act on its state (swap in a promoted
         candidate, drop a rolled-back one). Called every ``sync_interval_s`` by a background thread."""
-        state = self.rollout.sync()
-        self._follow(state)
+        with self._control:
+            state = self.rollout.sync()
+            self._follow(state)
         if self.observer is not None:
             for verdict, count in self.rollout.verdicts().items():
                 self.observer("verdicts", verdict=verdict, total=count)
@@ -563,20 +599,26 @@ class Deployment:
         return state
 
     def _follow(self, state: dict | None) -> None:
+        """Make the loaded versions what ``state`` says (called under the control lock)."""
         candidate = self._candidate
         if state is None or candidate is None:
             return
         phase = state["phase"]
         if state.get("candidate") != candidate.version:
-            if phase in ACTIVE_PHASES or phase == "promoting":
-                return  # another process started a rollout of a version not loaded here: refresh() loads it
+            # A rollout of another version (started by another worker or a person): this one is done;
+            # refresh() loads the version the state names.
             self._drop_candidate()
         elif phase in ("promoted", "promoting"):
-            with self._swap:
-                old, self._primary, self._candidate = self._primary, candidate, None
-            old.retire()
+            self._promote_locally(candidate)
         elif phase in ("rolled_back", "aborted"):
             self._drop_candidate()
+
+    def _promote_locally(self, candidate: _Slot) -> None:
+        with self._swap:
+            if self._candidate is not candidate:
+                return
+            old, self._primary, self._candidate = self._primary, candidate, None
+        old.retire()
 
     def _drop_candidate(self) -> None:
         with self._swap:
@@ -586,33 +628,39 @@ class Deployment:
 
     def _resume(self) -> None:
         """After a restart: finish a promotion or rollback cut short, and reload a running candidate."""
-        self.rollout.recover()
-        state = self.rollout.sync()
-        if state is None:
-            return
-        if state["phase"] in ACTIVE_PHASES and state["candidate"] != self._primary.version:
-            try:
-                self._attach_candidate(self._loader(f"{self.name}@{state['candidate']}"), owned=True)
-            except CandidateRefused:
-                self.rollout.abort(f"the candidate could not be loaded again: {self.refused['reason']}")
-            except Exception as e:  # noqa: BLE001
-                self.rollout.abort(f"the candidate could not be loaded again ({type(e).__name__}: {e})")
-        if self._watch is not None and self._registry is not None:
-            # What the alias says now counts as seen: only a later change of it starts or ends a rollout.
-            self._watch["seen_candidate"] = self._registry.aliases(self.name).get(CANDIDATE_ALIAS)
+        with self._control:
+            self.rollout.recover()
+            state = self.rollout.sync()
+            if state is None:
+                return
+            if state["phase"] in ACTIVE_PHASES and state["candidate"] != self._primary.version:
+                try:
+                    self._attach_candidate(self._loader(f"{self.name}@{state['candidate']}"), owned=True)
+                except CandidateRefused:
+                    self.rollout.abort(f"the candidate could not be loaded again: {self.refused['reason']}")
+                except Exception as e:  # noqa: BLE001
+                    self.rollout.abort(f"the candidate could not be loaded again ({type(e).__name__}: {e})")
+            if self._watch is not None and self._registry is not None:
+                # What the alias says now counts as seen: only a later change of it starts or ends a rollout.
+                self._watch["seen_candidate"] = self._registry.aliases(self.name).get(CANDIDATE_ALIAS)
 
     def refresh(self) -> None:
         """Look at the registry's aliases now (also done every ``watch_interval_s``; the service does it on
         SIGHUP): a moved ``production`` is hot-reloaded, a new ``candidate`` starts the rollout policy."""
         if self._registry is None or self._watch is None:
             return
-        self.sync()
-        aliases = self._registry.aliases(self.name)
-        tag = self._watch["tag"]
-        production = aliases.get(tag) if not _is_version(tag) else None
-        if production is not None and production != self._primary.version:
-            self._reload_primary(production)
-        target = aliases.get(CANDIDATE_ALIAS)
+        with self._control:
+            if self._closed:
+                return
+            self.sync()
+            aliases = self._registry.aliases(self.name)
+            tag = self._watch["tag"]
+            production = aliases.get(tag) if not _is_version(tag) else None
+            if production is not None and production != self._primary.version:
+                self._reload_primary(production)
+            self._watch_candidate(aliases.get(CANDIDATE_ALIAS))
+
+    def _watch_candidate(self, target: str | None) -> None:
         state = self.rollout.state
         active = state is not None and state["phase"] in ACTIVE_PHASES
         if active and state["candidate"] != self._primary.version and (
@@ -634,9 +682,10 @@ class Deployment:
         if active and state["candidate"] == target:
             return
         try:
-            self.start_candidate(f"{self.name}@{target}")
-        except CandidateRefused:
-            pass  # logged, and kept in .refused for /v1/models; the primary keeps serving
+            self._start_candidate(f"{self.name}@{target}", None, restart=False, force=False)
+        except (CandidateRefused, RolloutError) as e:
+            logger.warning("candidate not started", extra={"fields": {"rollout": self.name, "candidate": target,
+                                                                       "reason": str(e)}})
 
     def _join(self, version: str) -> None:
         try:
@@ -653,17 +702,25 @@ class Deployment:
         if candidate is not None and candidate.version == version:
             if state is not None and state["phase"] in ACTIVE_PHASES:
                 self.rollout.promote(f"the {self._watch['tag']} alias was moved to the candidate")
-            with self._swap:
-                old, self._primary, self._candidate = self._primary, candidate, None
-            old.retire()
+            self._promote_locally(candidate)
             return
-        classifier = self._loader(f"{self.name}@{version}")
-        reason = _warm_up(classifier)
+        if self._watch.get("bad_primary") == version:
+            return  # refused before: tried again once the alias moves elsewhere
+        try:
+            classifier = self._loader(f"{self.name}@{version}")
+        except Exception as e:  # noqa: BLE001 - the primary keeps serving; the reason is logged
+            reason = " ".join(f"it failed to load ({type(e).__name__}: {e})".split())
+            classifier = None
+        else:
+            reason = _warm_up(classifier)
         if reason is not None:
-            classifier.close()
+            if classifier is not None:
+                classifier.close()
+            self._watch["bad_primary"] = version
             logger.error("reload refused", extra={"fields": {"rollout": self.name, "version": version,
                                                               "reason": reason}})
             return
+        self._watch["bad_primary"] = None
         if state is not None and state["phase"] in ACTIVE_PHASES:
             self.rollout.abort(f"the primary changed to {version} under the rollout")
             self._drop_candidate()
@@ -709,10 +766,12 @@ class Deployment:
             return
         self._closed = True
         self._wake.set()
+        with self._control:  # waits for a refresh in progress (a candidate being loaded) to finish
+            pass
         if self._syncer is not None:
-            self._syncer.join(timeout=5)
+            self._syncer.join()
         self._queue.put(None)
-        self._comparer.join(timeout=5)
+        self._comparer.join()
         try:
             self.rollout.sync()
         except Exception:  # noqa: BLE001 - the last counts are best effort at shutdown
