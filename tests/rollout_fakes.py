@@ -23,17 +23,20 @@ def _index(item: Any) -> int:
 
 class FakeClassifier:
     """``model`` is name@version. ``shift`` moves every answer to another class (a wrong model); ``fail``
-    makes every call raise; ``nan_every`` gives a ModelOutputError on the items whose class is 0; ``delay_s``
-    sleeps per call; an item ``b"corrupt"`` gets a DecodeError (the image's own fault)."""
+    makes every call raise; ``delay_s`` (per call) and ``item_delay_s`` (per image) make calls take time;
+    ``nan_class0`` gives a ModelOutputError on the items whose class is 0; an item ``b"corrupt"`` gets a
+    DecodeError (the image's own fault)."""
 
     def __init__(self, model: str = "m@1.0.0", *, shift: int = 0, fail: bool = False, nan_class0: bool = False,
-                 delay_s: float = 0.0, labels: list[str] | None = None, spec: PreprocessSpec | None = None):
+                 delay_s: float = 0.0, item_delay_s: float = 0.0, labels: list[str] | None = None,
+                 spec: PreprocessSpec | None = None):
         self.model = model
         self.labels = list(labels or LABELS)
         self.spec = spec or PreprocessSpec()
         self.device = "cpu"
         self.batch_size = 8
         self.shift, self.fail, self.nan_class0, self.delay_s = shift, fail, nan_class0, delay_s
+        self.item_delay_s = item_delay_s
         self.calls = 0
         self.closed = False
         self._lock = threading.Lock()
@@ -45,8 +48,9 @@ class FakeClassifier:
             raise RuntimeError("Classifier is closed")
         if self.fail:
             raise RuntimeError("injected failure")
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        xs = list(xs)
+        if self.delay_s or self.item_delay_s:
+            time.sleep(self.delay_s + self.item_delay_s * len(xs))
         out = []
         for x in xs:
             if isinstance(x, bytes) and x == b"corrupt":

@@ -29,9 +29,10 @@ class Clock:
         return self.t
 
 
-def _deployment(candidate=None, policy=None, clock=None, **kw) -> Deployment:
+def _deployment(candidate=None, policy=None, clock=None, item_delay_s: float = 0.0, **kw) -> Deployment:
     rollout = Rollout(MemoryStore(), name="m", clock=clock or Clock())
-    return Deployment(FakeClassifier("m@1.0.0"), candidate, policy=policy, rollout=rollout, sync_interval_s=None, **kw)
+    return Deployment(FakeClassifier("m@1.0.0", item_delay_s=item_delay_s), candidate, policy=policy, rollout=rollout,
+                      sync_interval_s=None, **kw)
 
 
 def _keys(n: int, prefix: str = "k") -> list[str]:
@@ -114,7 +115,7 @@ def test_rollout_specs_parse():
     assert RolloutPolicy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
 
 
-@pytest.mark.parametrize("field, value", [("alpha", 0.0), ("alpha", 0.7), ("latency_factor", 1.0),
+@pytest.mark.parametrize("field, value", [("alpha", 0.0), ("alpha", 0.7), ("latency_factor", 0.5), ("latency_quantile", 0.3),
                                           ("min_agreement", 1.0), ("error_tolerance", 0.6), ("error_detect", 0.0),
                                           ("alpha", float("nan")), ("alpha", True)])
 def test_bad_gate_thresholds_are_refused(field, value):
@@ -180,8 +181,9 @@ def test_evaluate_gates_uses_the_primary_s_own_error_rate_as_baseline():
 def test_a_good_candidate_goes_through_every_step_and_is_promoted(caplog):
     caplog.set_level(logging.INFO, logger="speciesclf.rollout")
     clock = Clock()
-    policy = parse_rollout("canary:10,50,100", min_requests=30, min_seconds=5)
-    d = _deployment(FakeClassifier("m@1.1.0"), policy, clock=clock)
+    policy = parse_rollout("canary:10,50,100", min_requests=30, min_seconds=5, compare_share=0.5)
+    # Calls of a few milliseconds, as a model's are: the latency gate compares them (microseconds are noise).
+    d = _deployment(FakeClassifier("m@1.1.0", item_delay_s=0.001), policy, clock=clock, item_delay_s=0.001)
     weights = []
     for round_ in range(400):
         d.predict_batch([f"r{round_}-{i}".encode() for i in range(8)])

@@ -169,6 +169,10 @@ class Rollout:
                     made.append(_apply(state, decision[0], decision[1], now))
             return state
 
+        return self._commit(change, made)
+
+    def _commit(self, change: Callable[[dict | None], dict | None], made: list[dict]) -> dict | None:
+        """Write ``change`` to the store, then announce the verdicts it made and finish their side effects."""
         state = self.store.update(change)
         self._adopt(state)
         for entry in made:
@@ -249,11 +253,7 @@ class Rollout:
             made.append(_apply(new, "start", f"{policy.mode} of {candidate} beside {primary}", now))
             return new
 
-        state = self.store.update(change)
-        self._adopt(state)
-        for entry in made:
-            self._announce(entry)
-        return state
+        return self._commit(change, made)
 
     def _act(self, verdict: str, reason: str, allowed: tuple[str, ...], edit: Callable[[dict], None] | None = None
              ) -> dict:
@@ -272,12 +272,7 @@ class Rollout:
             made.append(_apply(state, verdict, reason, now))
             return state
 
-        state = self.store.update(change)
-        self._adopt(state)
-        for entry in made:
-            self._announce(entry)
-        self.recover()
-        return self.state
+        return self._commit(change, made)
 
     def pause(self, reason: str = "paused by a person") -> dict:
         return self._act("pause", reason, ("running",))

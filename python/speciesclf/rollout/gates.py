@@ -25,7 +25,8 @@ __all__ = ["GATES", "GateResult", "evaluate_gates", "log_likelihood_ratio"]
 #: name -> what one event is
 GATES = {
     "errors": "the candidate failed on a request (the primary answered it)",
-    "latency": "a candidate call took longer than latency_factor x the primary's p99 at its batch size",
+    "latency": "a candidate call took longer than latency_factor x the primary's latency_quantile (p90) at its "
+               "batch size",
     "agreement": "on the same image, named by either version, the candidate's top-1 (or 'unknown') differs from "
                  "the primary's",
     "unknown": "on the same image, the candidate says unknown where the primary named a class",
@@ -80,7 +81,7 @@ def evaluate_gates(gates: GatePolicy, counts: dict) -> list[GateResult]:
     bases = {
         # The primary's own rates are the baseline where there is one: a candidate is held to "no worse".
         "errors": (min(primary_errors + gates.error_tolerance, 0.5), gates.error_detect, True),
-        "latency": (gates.latency_tolerance, gates.latency_detect, True),
+        "latency": ((1 - gates.latency_quantile) + gates.latency_tolerance, gates.latency_detect, True),
         "agreement": (1 - gates.min_agreement, gates.agreement_detect, True),
         "unknown": (gates.unknown_tolerance, gates.unknown_detect, True),
         "confidence": (gates.confidence_tolerance, gates.confidence_detect, True),

@@ -34,8 +34,13 @@ class GatePolicy:
     # errors: the candidate failed on a request the primary then answered (not the image's own fault)
     error_tolerance: float = 0.005
     error_detect: float = 0.03
-    # latency: a candidate call took more than latency_factor x the primary's p99 at that batch size
-    latency_factor: float = 2.0
+    # latency: a candidate call's time per image was over latency_factor x the primary's latency_quantile
+    # (p90) in the same batch-size bucket. The primary's own calls pass its p90 10% of the time: that plus the
+    # tolerance is what the candidate may do, and the factor leaves room for the small differences that
+    # are no slowdown (where a call sits in its bucket, cache effects). A tail quantile, not the p99 itself:
+    # the p99 of a few hundred calls is a handful of them, and a slowdown that moves the p99 moves the p90.
+    latency_quantile: float = 0.9
+    latency_factor: float = 1.5
     latency_tolerance: float = 0.05
     latency_detect: float = 0.20
     # agreement: on the same image, the candidate's top-1 (or "unknown") differs from the primary's
@@ -60,8 +65,12 @@ class GatePolicy:
             object.__setattr__(self, f.name, float(value))
         if not 0 < self.alpha < 0.5:
             raise RolloutSpecError(f"GatePolicy.alpha must be in (0, 0.5), got {self.alpha}")
-        if self.latency_factor <= 1:
-            raise RolloutSpecError(f"GatePolicy.latency_factor must be > 1, got {self.latency_factor}")
+        if self.latency_factor < 1:
+            raise RolloutSpecError(f"GatePolicy.latency_factor must be >= 1, got {self.latency_factor}")
+        if not 0.5 <= self.latency_quantile < 1 or (1 - self.latency_quantile) + self.latency_tolerance >= 0.5:
+            raise RolloutSpecError(f"GatePolicy.latency_quantile must be in [0.5, 1) with 1 - latency_quantile + "
+                                   f"latency_tolerance below 0.5, got {self.latency_quantile} and "
+                                   f"{self.latency_tolerance}")
         if not 0 < self.min_agreement < 1:
             raise RolloutSpecError(f"GatePolicy.min_agreement must be in (0, 1), got {self.min_agreement}")
         if not 0 < self.confidence_drop < 1:
@@ -102,14 +111,14 @@ class RolloutPolicy:
     on_breach: Literal["rollback", "pause"] = "rollback"
     hold_before_promote: bool = False
     shadow_share: float = 1.0
-    compare_share: float = 0.05
+    compare_share: float = 0.02
     # Comparisons on the same images needed before a promotion (or a shadow's pass): without them the
     # agreement, unknown and confidence gates would have seen too little to stop a wrong candidate.
     min_comparisons: int = 100
     shadow_queue: int = 64  # images waiting for the background comparison; beyond it they are shed
     # The share of wall time the comparison thread may be busy: it rests in between, so that copies of the
     # traffic take at most this share of a core from the primary (a slow candidate sheds more, not slows it).
-    compare_budget: float = 0.25
+    compare_budget: float = 0.1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
