@@ -347,3 +347,44 @@ def test_serve_refuses_bad_rollout_options_before_loading_anything(tmp_path: Pat
     assert "is empty" in capsys.readouterr().err
     assert main(["serve", "--model", "species100", "--candidate", "1.1.0", "--registry", str(tmp_path)]) == 1
     assert "registry reference" in capsys.readouterr().err
+
+
+def test_workers_route_a_key_alike_and_share_one_rollout(registry, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "speciesclf", "serve", "--model", "species100@production",
+                                   "--registry", str(registry.root), "--candidate", f"species100@{GOOD}",
+                                   "--rollout", "canary:50,100", "--workers", "2", "--port", str(port),
+                                   "--log-level", "warning"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=log)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            deadline = time.monotonic() + 120
+            pids: set[int] = set()
+            while len(pids) < 2:  # both workers ready (each connection may land on either)
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "two ready workers did not answer in 120 s"
+                try:
+                    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as fresh:
+                        if fresh.get("/readyz").status_code == 200:
+                            pids.add(fresh.get("/healthz").json()["pid"])
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            arms: dict[str, set[str]] = {}
+            for round_ in range(3):
+                for i in range(30):
+                    # a new connection each time, so that the requests of one key reach both workers
+                    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as fresh:
+                        r = fresh.post("/v1/predict", content=photo(i), headers={"X-Routing-Key": f"user-{i}"})
+                    assert r.status_code == 200, r.text
+                    arms.setdefault(f"user-{i}", set()).add(r.headers["x-model-arm"])
+            assert all(len(seen) == 1 for seen in arms.values()), arms  # every worker routed each key alike
+            assert {a for seen in arms.values() for a in seen} == {"primary", "candidate"}
+        history = registry.read_document("species100", "rollout")["history"]
+        assert [h["verdict"] for h in history] == ["start"], history  # --candidate started once, not per worker
+    finally:
+        server.terminate()
+        assert server.wait(60) in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()[-2000:]
