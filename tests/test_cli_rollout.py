@@ -380,10 +380,10 @@ def test_remote_without_an_admin_api_or_a_server(capsys, registry, token_file: P
 @pytest.mark.shared
 def test_remote_401_without_a_bearer(service, token_file: Path):
     """The CLI always sends the token; a proxy that drops it shows as the service's 401, in one line."""
-    from speciesclf.cli import _AdminClient, _AdminError
+    from speciesclf.serve.admin_client import AdminClient, AdminError
 
-    client = _AdminClient(service, str(token_file))
+    client = AdminClient(service, str(token_file))
     client._headers = {"Accept": "application/json"}
-    with pytest.raises(_AdminError) as raised:
+    with pytest.raises(AdminError) as raised:
         client.get("/v1/admin/rollout")
     assert "401 unauthorized: " in str(raised.value) and "bearer" in str(raised.value)

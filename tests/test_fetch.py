@@ -432,8 +432,10 @@ _PACKAGE = REPO / "python" / "speciesclf"
 # the formats it decodes) through decoding.image_size; byte-level format facts (chunks, markers, EXIF) live
 # in _formats.py, the Python twin of the native core, and nowhere else.
 _ONE_PLACE = {
+    # Two clients of two concerns: images from allowed addresses (fetch.py), and the admin API of a service
+    # its operator names, with a bearer token (admin_client.py).
     "an HTTP client": (r"urllib\.request|http\.client|open_connection|getaddrinfo|import (requests|httpx|aiohttp)",
-                       {"sources/fetch.py"}),
+                       {"sources/fetch.py", "serve/admin_client.py"}),
     "a base64 decoder": (r"b64decode|a2b_base64|base64\.decode", {"sources/sources.py"}),
     "a JPEG marker walker": (r"jpeg_markers|0xC0 <=|0xC4, 0xC8", {"preprocessing/_formats.py"}),
     "a header reader": (r"IHDR|VP8|unpack_from\(\"[<>](HH|II|ii)\"", {"preprocessing/_formats.py"}),

@@ -759,10 +759,6 @@ def _add_bundle_registry_commands(sub) -> None:
 _ROLLOUT_ACTIONS = ("pause", "resume", "promote", "rollback")
 
 
-class _AdminError(RuntimeError):
-    """A call of a service's admin API that was refused or could not be made; the message says which."""
-
-
 def _rollout_spec(text: str) -> str:
     """argparse type of --rollout (rollout start, serve): a spec that does not parse is a usage error (exit 2)
     before anything loads or runs."""
@@ -787,92 +783,6 @@ def _rollout_weight(text: str) -> float:
     return value
 
 
-class _AdminClient:
-    """The admin API of a running service (docs/rollout.md): httpx where it is installed, else urllib.
-    The token is sent as a bearer header and never shown."""
-
-    def __init__(self, url: str, token_file: str | None, timeout_s: float = 60.0) -> None:
-        import urllib.parse
-
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"--url: expected http://HOST:PORT or https://HOST:PORT, got {url!r}")
-        if token_file is None:
-            raise ValueError("--url needs --admin-token-file: the admin API takes a bearer token")
-        try:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            raise ValueError(f"--admin-token-file {token_file}: not a text file") from None
-        except OSError as e:
-            raise OSError(f"--admin-token-file {token_file}: cannot read it ({e.strerror or e})") from None
-        if not token:
-            raise ValueError(f"--admin-token-file {token_file}: the file is empty")
-        self.base = url.rstrip("/")
-        self.token_file = token_file
-        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        self.timeout_s = timeout_s
-
-    def get(self, path: str) -> dict:
-        return self._call("GET", path, None)
-
-    def post(self, path: str, body: dict) -> dict:
-        return self._call("POST", path, body)
-
-    def _call(self, method: str, path: str, body: dict | None) -> dict:
-        import json
-
-        status, raw = self._send(method, self.base + path, body)
-        try:
-            data = json.loads(raw) if raw else None
-        except ValueError:
-            data = None
-        if status == 200 and isinstance(data, dict):
-            return data
-        raise _AdminError(self._refusal(status, data, raw, method, path))
-
-    def _send(self, method: str, url: str, body: dict | None) -> tuple[int, bytes]:
-        try:
-            import httpx
-        except ImportError:
-            httpx = None
-        if httpx is not None:
-            try:
-                response = httpx.request(method, url, json=body, headers=self._headers, timeout=self.timeout_s)
-            except httpx.HTTPError as e:
-                raise _AdminError(f"cannot reach {self.base}: {type(e).__name__}: {e}") from None
-            return response.status_code, response.content
-        import json
-        import urllib.error
-        import urllib.request
-
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        headers = dict(self._headers, **({"Content-Type": "application/json"} if data is not None else {}))
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except (urllib.error.URLError, OSError) as e:
-            raise _AdminError(f"cannot reach {self.base}: {getattr(e, 'reason', e)}") from None
-
-    def _refusal(self, status: int, data: dict | None, raw: bytes, method: str, path: str) -> str:
-        error = data.get("error") if isinstance(data, dict) else None
-        if isinstance(error, dict):
-            said = f"{error.get('code', 'error')}: {error.get('message', '')}".rstrip(": ")
-        else:
-            said = raw[:200].decode("utf-8", "replace").strip() or "no body"
-        where = f"{self.base} ({method} {path})"
-        if status == 401:
-            return f"{where}: 401 {said} (the admin API wants the token as a bearer header)"
-        if status == 403:
-            return f"{where}: 403 {said} (the token read from {self.token_file})"
-        if status == 404:
-            return (f"{where}: 404: the service has no admin API (it serves one only when started with "
-                    "--admin-token-file)")
-        return f"{where}: {status} {said}"
-
-
 def _rollout_name_of(model: str | None) -> str | None:
     return None if model is None else model.rpartition("@")[0] or model
 
@@ -890,22 +800,24 @@ def _rollout_busy(state: dict) -> str:
 
 def _rollout_on_service(args: argparse.Namespace) -> dict:
     """The command through a running service's admin API; returns the service's status afterwards."""
-    client = _AdminClient(args.url, args.admin_token_file)
+    from .serve.admin_client import AdminClient, AdminError
+
+    client = AdminClient(args.url, args.admin_token_file)
     status = client.get("/v1/admin/rollout")
     serving = _rollout_name_of(status.get("primary"))
     if serving != args.name:
-        raise _AdminError(f"the service at {client.base} serves {serving}, not {args.name}")
+        raise AdminError(f"the service at {client.base} serves {serving}, not {args.name}")
     command = args.rollout_command
     if command == "status":
         if status.get("rollout") is None:
-            raise _AdminError(f"no rollout of {args.name} on the service at {client.base} "
+            raise AdminError(f"no rollout of {args.name} on the service at {client.base} "
                               f"(primary {status['primary']})")
         return status
     if command == "start":
         if getattr(args, "force", False):
             raise ValueError("--force is for the registry mode: the service decides itself which versions it takes")
         if _rollout_is_active(status.get("rollout")) and not args.replace:
-            raise _AdminError(_rollout_busy(status["rollout"]))
+            raise AdminError(_rollout_busy(status["rollout"]))
         other, at, version = args.version.rpartition("@")
         if at and other != args.name:
             raise ValueError(f"{args.version!r} is not a version of {args.name}")

@@ -739,7 +739,7 @@ class Deployment:
         self._wake.set()
 
     def _sync_loop(self) -> None:
-        last_watch = 0.0
+        last_watch = time.monotonic()  # from_registry looked just now
         while not self._closed:
             self._wake.wait(self._sync_interval)
             woken = self._wake.is_set()
