@@ -137,3 +137,39 @@ def test_a_rejected_version_cannot_come_back_through_an_alias(tmp_path):
         assert d.candidate_model == "m@1.1.0" and "1.1.0" not in registry.rejections("m")
     finally:
         d.close()
+
+
+def test_the_service_batches_each_arm_of_a_canary_apart():
+    """Route, then batch: a batch holds the head request's arm (and requests of mixed arms), so each version
+    runs whole batches; the head request always goes first."""
+    import asyncio
+
+    from speciesclf.serve.batcher import Batcher, _Job
+    from speciesclf.serve.config import ServeConfig
+    from speciesclf.serve.metrics import Metrics
+
+    d = Deployment(FakeClassifier("m@1.0.0"), FakeClassifier("m@1.1.0"), policy=parse_rollout("canary:50,100"),
+                   rollout=Rollout(MemoryStore(), name="m"), sync_interval_s=None)
+
+    async def batches() -> list[list[str | None]]:
+        batcher = Batcher(d, ServeConfig(max_batch_size=4), Metrics())
+        batcher._wakeup = asyncio.Event()  # noqa: SLF001 - the worker is not started: batches are taken by hand
+        loop = asyncio.get_running_loop()
+        keys = [f"user-{i}" for i in range(12)]
+        for key in keys:
+            batcher._queue.append(_Job([b"img"], 1, loop.time() + 60, loop.create_future(),  # noqa: SLF001
+                                       [key], d.arm_for(key)))
+        mixed = [f"user-{i}" for i in (0, 1, 2, 3)]
+        batcher._queue.append(_Job([b"a"] * 4, 1, loop.time() + 60, loop.create_future(), mixed, None))  # noqa: SLF001
+        taken = []
+        while batcher._queue:  # noqa: SLF001
+            taken.append([job.arm for job, _, _ in await batcher._next_batch()])  # noqa: SLF001
+        return taken, [d.arm_for(k) for k in keys]
+
+    taken, arms = asyncio.run(batches())
+    assert {"primary", "candidate"} <= set(arms)
+    for batch in taken:
+        assert len({arm for arm in batch if arm is not None}) <= 1, taken  # one arm per batch
+    assert taken[0][0] == arms[0]  # the head went first
+    assert sum(len(b) for b in taken) == 13
+    d.close()

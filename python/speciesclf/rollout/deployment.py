@@ -52,11 +52,16 @@ def routing_hash(key: str | bytes) -> float:
 
 
 def routing_key_of(item: Any) -> bytes | None:
-    """The default routing key of an image: its bytes (a file's contents, an array's or a PIL image's
-    pixels). None where they cannot be read without consuming the input (a one-shot stream): such an
-    item is routed at random; give ``routing_keys`` to make it sticky."""
+    """The default routing key of an image: a digest of its bytes (a file's contents, an array's or a PIL
+    image's pixels). None where they cannot be read without consuming the input (a one-shot stream): such
+    an item is routed at random; give ``routing_keys`` to make it sticky."""
+    data = _image_bytes(item)
+    return None if data is None else hashlib.blake2b(data, digest_size=16, person=b"speciesclf-img").digest()
+
+
+def _image_bytes(item: Any) -> bytes | memoryview | None:
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return bytes(item)
+        return item
     if isinstance(item, (str, os.PathLike)):
         text = os.fspath(item)
         try:
@@ -361,6 +366,17 @@ class Deployment:
     @property
     def device(self) -> str:
         return self._primary.classifier.device
+
+    def arm_for(self, key: str | bytes | None) -> str | None:
+        """The arm a routing key goes to now ("primary" or "candidate"); None for no key (routed at random).
+        The service groups its batches by it, so that each arm runs whole batches."""
+        if key is None:
+            return None
+        candidate, rollout = self._candidate, self.rollout
+        state = rollout.state
+        if candidate is None or not rollout.active or rollout.mode != "canary" or state["candidate"] != candidate.version:
+            return "primary"
+        return "candidate" if routing_hash(key) < rollout.weight else "primary"
 
     def predict(self, x: Any, *, routing_key: str | bytes | None = None, **options: Any) -> Any:
         return self.predict_batch([x], routing_keys=None if routing_key is None else [routing_key], **options)[0]

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..rollout.deployment import routing_key_of
 from .config import ServeConfig
 from .metrics import Metrics
 
@@ -39,12 +40,13 @@ class ShuttingDown(Exception):
 
 class _Job:
     __slots__ = ("images", "top_k", "deadline", "future", "state", "enqueued", "dispatched", "results", "missing",
-                 "largest_batch", "routing_key")
+                 "largest_batch", "keys", "arm")
 
     def __init__(self, images: list[bytes], top_k: int, deadline: float, future: asyncio.Future,
-                 routing_key: str | None = None):
+                 keys: list[Any] | None = None, arm: str | None = None):
         self.images = images
-        self.routing_key = routing_key  # the request's X-Routing-Key, for every image of it
+        self.keys = keys  # with a Deployment: each image's routing key (the request's X-Routing-Key, or its bytes')
+        self.arm = arm  # the arm all its images go to, or None (mixed, or no Deployment): batches group by it
         self.top_k = top_k
         self.deadline = deadline  # loop.time()
         self.future = future
@@ -103,7 +105,12 @@ class Batcher:
             backlog = self._queued_images + self.metrics.in_flight
             raise QueueFull(max(1, int(backlog / max(self._throughput, 1.0) + 0.999)))
         loop = asyncio.get_running_loop()
-        job = _Job(images, top_k, loop.time() + timeout_s, loop.create_future(), routing_key)
+        keys = arm = None
+        if self._routes:
+            keys = [routing_key if routing_key is not None else routing_key_of(image) for image in images]
+            arms = {self.classifier.arm_for(key) for key in keys}
+            arm = arms.pop() if len(arms) == 1 else None
+        job = _Job(images, top_k, loop.time() + timeout_s, loop.create_future(), keys, arm)
         self._queue.append(job)
         self._set_queued(self._queued_images + n)
         self._wakeup.set()
@@ -151,8 +158,16 @@ class Batcher:
         batch: list[tuple[_Job, int, int]] = []
         room = self.config.max_batch_size
         now = time.perf_counter()
-        while self._queue and room > 0:
-            job = self._queue[0]
+        # With a canary, a batch holds the head request's arm only (and requests of mixed arms): each version
+        # then runs whole batches instead of two halves of each (measured: 90% of a single version's
+        # throughput with halves). The head always goes first, so no request waits behind the other arm's.
+        arm = self._queue[0].arm
+        i = 0
+        while i < len(self._queue) and room > 0:
+            job = self._queue[i]
+            if arm is not None and job.arm is not None and job.arm != arm:
+                i += 1
+                continue
             first = job.dispatched
             if first == 0:
                 self.metrics.queue_wait(now - job.enqueued)
@@ -162,7 +177,9 @@ class Batcher:
             room -= end - first
             self._set_queued(self._queued_images - (end - first))
             if end == len(job.images):
-                self._queue.popleft()
+                del self._queue[i]
+            else:
+                i += 1
         return batch
 
     async def _run(self) -> None:
@@ -204,11 +221,7 @@ class Batcher:
         if not live:
             return
         images = [image for job, first, end in live for image in job.images[first:end]]
-        keys = None
-        if self._routes and any(job.routing_key is not None for job, _, _ in live):
-            # An image without a key is routed by its bytes, as the Deployment itself would.
-            keys = [job.routing_key if job.routing_key is not None else image
-                    for job, first, end in live for image in job.images[first:end]]
+        keys = [key for job, first, end in live for key in job.keys[first:end]] if self._routes else None
         top_k = max(job.top_k for job, _, _ in live)
         self.metrics.in_flight += len(images)
         self.metrics.batch(len(images))
