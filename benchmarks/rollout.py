@@ -490,7 +490,7 @@ def render(results: dict) -> tuple[str, list[str]]:
     thr_compared = h[CANARY]["req_per_s"] / h[SINGLE]["req_per_s"]
     p99 = h[SHADOW]["p99_ms"] / h[SINGLE]["p99_ms"]
     ratios = [f"- canary at 50%: routing alone = {thr:.1%} of a single version's throughput, with the default "
-              f"comparisons (compare_share 2%) = {thr_compared:.1%}; primary p99 with a 3x slower shadow = "
+              f"comparisons (compare_share 5%) = {thr_compared:.1%}; primary p99 with a 3x slower shadow = "
               f"{p99:.2f}× without",
               f"- simulated good candidates: {false_back} of {len(good_sim)} rolled back ({false_back / len(good_sim):.1%})"]
     checks = []

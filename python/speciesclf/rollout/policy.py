@@ -111,7 +111,7 @@ class RolloutPolicy:
     on_breach: Literal["rollback", "pause"] = "rollback"
     hold_before_promote: bool = False
     shadow_share: float = 1.0
-    compare_share: float = 0.02
+    compare_share: float = 0.05
     # Comparisons on the same images needed before a promotion (or a shadow's pass): without them the
     # agreement, unknown and confidence gates would have seen too little to stop a wrong candidate.
     min_comparisons: int = 100
