@@ -1,4 +1,5 @@
-"""Byte-level facts about encoded images: format sniffing, EXIF orientation, PNG chunk CRCs.
+"""Byte-level facts about encoded images: format sniffing, EXIF orientation, PNG chunk CRCs, and the
+lossless removal of metadata (for speciesclf.capture.privacy).
 
 Pure-Python twins of csrc/formats.cpp and csrc/exif.cpp: the two backends must agree on what a file is
 and which way up it goes, so neither relies on Pillow's more forgiving readers for these decisions.
@@ -10,6 +11,8 @@ import itertools
 import re
 import struct
 import zlib
+
+from ..errors import DecodeError
 
 JPEG, PNG, WEBP, GIF, BMP, TIFF = "JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"
 
@@ -105,12 +108,13 @@ def jpeg_scan_limit(pixels: int) -> int:
 
 
 def jpeg_markers(data: bytes):
-    """(marker, start, end) of each marker of a JPEG, in order, through every scan up to EOI: fill bytes are
-    skipped a run at once and a scan's entropy-coded data up to the next marker, so a hostile file cannot
-    make this step byte by byte. Markers without a length (RSTn, TEM) come as (marker, start, start + 2).
-    Stops at the first thing that is not a marker, or at a segment running past the end."""
+    """(marker, start, end) of each marker of a JPEG, in order, through every scan up to and including EOI:
+    fill bytes are skipped a run at once and a scan's entropy-coded data up to the next marker, so a hostile
+    file cannot make this step byte by byte. Markers without a length (RSTn, TEM, EOI) come as
+    (marker, start, start + 2). Stops at the first thing that is not a marker, or at a segment running past
+    the end; only a whole file ends with (0xD9, ...)."""
     pos, size = 2, len(data)
-    while pos + 4 <= size:
+    while pos + 2 <= size:
         if data[pos] != 0xFF:
             return
         marker = data[pos + 1]
@@ -118,11 +122,14 @@ def jpeg_markers(data: bytes):
             pos = _FILL.match(data, pos).end() - 1
             continue
         if marker == 0xD9:
+            yield marker, pos, pos + 2
             return
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:
             yield marker, pos, pos + 2
             pos += 2
             continue
+        if pos + 4 > size:
+            return
         (length,) = struct.unpack_from(">H", data, pos + 2)
         if length < 2 or pos + 2 + length > size:
             return
@@ -157,9 +164,9 @@ def _is_exif_segment(data: bytes, marker: int, start: int, end: int) -> bool:
     return marker == 0xE1 and end - start >= 10 and data[start + 4 : start + 10] == b"Exif\x00\x00"
 
 
-def _jpeg_orientation(data: bytes) -> int:
+def _jpeg_orientation(data: bytes) -> int | None:
     """The first EXIF segment's orientation tag, else the last XMP segment's tiff:Orientation (Pillow's
-    JpegImagePlugin keeps the last one)."""
+    JpegImagePlugin keeps the last one); None where neither has one."""
     tag, seen_exif, xmp = None, False, None
     for marker, start, end in _jpeg_segments(data):
         if _is_exif_segment(data, marker, start, end):
@@ -169,7 +176,7 @@ def _jpeg_orientation(data: bytes) -> int:
             xmp = (start + 4 + len(_JPEG_XMP_ID), end)
     if tag is None and xmp is not None:
         tag = _xmp_orientation(data, *xmp)
-    return tag or 1
+    return tag
 
 
 def without_jpeg_exif(data: bytes) -> bytes:
@@ -272,7 +279,7 @@ def png_critical_chunks(data: bytes) -> bytes:
     return b"".join(parts)
 
 
-def _png_orientation(data: bytes) -> int:
+def _png_orientation(data: bytes) -> int | None:
     exif = None
     carriers: dict[bytes, tuple[int, int, bool]] = {}
     pos, size = 8, len(data)
@@ -300,18 +307,18 @@ def _png_orientation(data: bytes) -> int:
     if tag is None and PNG_XMP_KEY in carriers:
         text = _png_text(data, *carriers[PNG_XMP_KEY])
         tag = _xmp_orientation(text) if text is not None else None
-    return tag or 1
+    return tag
 
 
 _WEBP_EXIF_FLAG, _WEBP_XMP_FLAG = 0x08, 0x04
 
 
-def _webp_orientation(data: bytes) -> int:
+def _webp_orientation(data: bytes) -> int | None:
     """As libwebp's demuxer (so Pillow) reads it: only an extended file (VP8X first) has metadata, and
     only the kinds its flags declare; the first EXIF chunk's tag, else the first XMP chunk's; nothing
     past the RIFF size counts."""
     if len(data) < 21 or data[12:16] != b"VP8X":
-        return 1
+        return None
     flags = data[20]
     size = min(len(data), 8 + struct.unpack_from("<I", data, 4)[0])
     exif = xmp = None
@@ -329,19 +336,25 @@ def _webp_orientation(data: bytes) -> int:
     tag = _tiff_orientation_tag(data[exif[0] : exif[1]]) if exif is not None else None
     if tag is None and xmp is not None:
         tag = _xmp_orientation(data, *xmp)
-    return tag or 1
+    return tag
 
 
-def exif_orientation(data: bytes, fmt: str | None) -> int:
-    """Orientation 1..8 from EXIF (or, where EXIF has no orientation tag, XMP; in PNG also ImageMagick's
-    raw-profile text chunk); anything malformed reads as 1 (upright) rather than losing the image."""
+def orientation_tag(data: bytes, fmt: str | None) -> int | None:
+    """The orientation a file declares, 1..8, from the carriers exif_orientation reads; None where none of
+    them has an orientation tag (a tag that holds no usable value reads as 1)."""
     if fmt == JPEG:
         return _jpeg_orientation(data)
     if fmt == PNG:
         return _png_orientation(data)
     if fmt == WEBP:
         return _webp_orientation(data)
-    return 1
+    return None
+
+
+def exif_orientation(data: bytes, fmt: str | None) -> int:
+    """Orientation 1..8 from EXIF (or, where EXIF has no orientation tag, XMP; in PNG also ImageMagick's
+    raw-profile text chunk); anything malformed reads as 1 (upright) rather than losing the image."""
+    return orientation_tag(data, fmt) or 1
 
 
 def chunk_name(kind: bytes) -> str:
@@ -368,3 +381,111 @@ def png_crc_problem(data: bytes) -> str | None:
             return None
         pos += 12 + length
     return None
+
+
+# --- metadata removal: what a stored image keeps. Each function copies the kept bytes as they are (no
+# re-encoding, so the decoded pixels cannot change) and returns the names of what it dropped. Anything
+# past the format's end (after EOI, IEND, or the RIFF size) is dropped too: such trailers are where phones
+# append second images and vendor data. A file that does not reach its end is a DecodeError: metadata
+# could hide in what cannot be walked.
+
+# APPn segments kept, by marker and identifier: they change how the pixels decode or display.
+_JPEG_KEPT_APP = {0xE0: b"JFIF\x00", 0xE2: b"ICC_PROFILE\x00", 0xEE: b"Adobe"}
+_JPEG_APP_NAMES = {b"Exif": "Exif", b"http://ns.adobe.com/xap/1.0/": "XMP",
+                   b"http://ns.adobe.com/xmp/extension/": "XMP extension", b"Photoshop 3.0": "IPTC"}
+
+
+def _jpeg_segment_name(data: bytes, marker: int, start: int, end: int) -> str:
+    if marker == 0xFE:
+        return "COM"
+    identifier = data[start + 4 : min(end, start + 4 + 40)].split(b"\x00", 1)[0]
+    label = _JPEG_APP_NAMES.get(identifier) or chunk_name(identifier[:16])
+    return f"APP{marker - 0xE0} {label}".rstrip()
+
+
+def jpeg_without_metadata(data: bytes) -> tuple[bytes, list[str]]:
+    """The JPEG without its APPn and COM segments but APP0 JFIF, APP2 ICC_PROFILE (every chunk) and APP14
+    Adobe, wherever they are (also between the scans of a progressive file), and without bytes after EOI.
+    Every other marker, fill byte and the entropy-coded data stay byte for byte."""
+    parts, removed, kept_from = [], [], 0
+    for marker, start, end in jpeg_markers(data):
+        if marker == 0xD9:
+            parts.append(data[kept_from:end])
+            if end < len(data):
+                removed.append("data after EOI")
+            return b"".join(parts), removed
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            kept = _JPEG_KEPT_APP.get(marker)
+            if kept is None or not data.startswith(kept, start + 4, end):
+                parts.append(data[kept_from:start])
+                kept_from = end
+                removed.append(_jpeg_segment_name(data, marker, start, end))
+    raise DecodeError("JPEG is truncated or damaged: its markers end before the end-of-image marker")
+
+
+# Ancillary chunks kept: each affects how the pixels decode or display (transparency, colour, animation);
+# all other ancillary chunks go (eXIf, tEXt, zTXt, iTXt, tIME, and private ones such as C2PA's caBX).
+_PNG_KEPT_ANCILLARY = frozenset({b"tRNS", b"cHRM", b"gAMA", b"iCCP", b"sBIT", b"sRGB", b"cICP", b"mDCV",
+                                 b"cLLI", b"bKGD", b"hIST", b"pHYs", b"sPLT", b"acTL", b"fcTL", b"fdAT"})
+_PNG_CRITICAL = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
+
+
+def png_without_metadata(data: bytes) -> tuple[bytes, list[str]]:
+    """The PNG without its metadata chunks and without bytes after IEND; every kept chunk (so its CRC) as
+    it was. A CRC mismatch or an unknown critical chunk is a DecodeError, as the native decoder has it."""
+    problem = png_crc_problem(data)
+    if problem is not None:
+        raise DecodeError(f"PNG is damaged: {problem}")
+    parts, removed, pos, size = [data[:8]], [], 8, len(data)
+    while pos + 12 <= size:
+        (length,) = struct.unpack_from(">I", data, pos)
+        if length > size - pos - 12:
+            break
+        kind, chunk_end = data[pos + 4 : pos + 8], pos + 12 + length
+        if kind in _PNG_CRITICAL or kind in _PNG_KEPT_ANCILLARY:
+            parts.append(data[pos:chunk_end])
+        elif kind[0] & 0x20:
+            removed.append(f"PNG {chunk_name(kind)}")
+        else:
+            raise DecodeError(f"PNG has an unknown critical chunk '{chunk_name(kind)}'")
+        pos = chunk_end
+        if kind == b"IEND":
+            if pos < size:
+                removed.append("data after IEND")
+            return b"".join(parts), removed
+    raise DecodeError("PNG is truncated: its chunks end before IEND")
+
+
+# RIFF chunks of a WebP that make its pixels; anything else (EXIF, XMP, unknown chunks) goes.
+_WEBP_KEPT = frozenset({b"VP8X", b"VP8 ", b"VP8L", b"ALPH", b"ANIM", b"ANMF", b"ICCP"})
+
+
+def webp_without_metadata(data: bytes) -> tuple[bytes, list[str]]:
+    """The WebP without its EXIF, XMP and unknown chunks, with VP8X's EXIF and XMP flags cleared and the
+    RIFF size set to what is left; bytes past the RIFF size are dropped."""
+    if len(data) < 20:
+        raise DecodeError("WebP is truncated: shorter than a RIFF header and one chunk header")
+    end = 8 + struct.unpack_from("<I", data, 4)[0]
+    if end > len(data):
+        raise DecodeError(f"WebP is truncated: its RIFF size says {end} bytes, the file has {len(data)}")
+    parts, removed, pos = [], [], 12
+    while pos < end:
+        if pos + 8 > end:
+            raise DecodeError("WebP is damaged: a chunk header runs past the RIFF size")
+        kind, (length,) = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)
+        if length > end - pos - 8:
+            raise DecodeError(f"WebP is damaged: chunk '{chunk_name(kind)}' runs past the RIFF size")
+        chunk_end = min(pos + 8 + length + (length & 1), end)  # the pad byte, where the writer left one
+        if kind in _WEBP_KEPT:
+            parts.append(data[pos:chunk_end])
+        else:
+            removed.append(f"WebP {chunk_name(kind).rstrip()}")
+        pos = chunk_end
+    if not parts:
+        raise DecodeError("WebP has no image chunk")
+    if end < len(data):
+        removed.append("data after RIFF")
+    body = bytearray(b"".join(parts))
+    if body.startswith(b"VP8X") and len(body) > 8:
+        body[8] &= ~(_WEBP_EXIF_FLAG | _WEBP_XMP_FLAG) & 0xFF
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + bytes(body), removed
