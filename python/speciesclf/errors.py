@@ -169,6 +169,7 @@ def _table() -> dict[type[BaseException], tuple[str, int]]:
         from .rollout.controller import RolloutError
         from .rollout.deployment import CandidateRefused
         from .rollout.policy import RolloutSpecError
+        from .capture.store import CaptureError, FeedbackNotFound, InvalidFeedbackLabel
 
         _CODES.update({
             BundleError: ("bundle_error", 500),
@@ -179,6 +180,9 @@ def _table() -> dict[type[BaseException], tuple[str, int]]:
             RolloutError: ("rollout_conflict", 409),
             CandidateRefused: ("candidate_refused", 409),
             RolloutSpecError: ("invalid_rollout", 422),
+            FeedbackNotFound: ("prediction_not_found", 404),
+            InvalidFeedbackLabel: ("invalid_label", 422),
+            CaptureError: ("capture_error", 500),
         })
         _OTHER_MODULES_LISTED = True
     return _CODES
