@@ -448,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bundle_registry_commands(sub)
     _add_serve_command(sub)
     _add_rollout_command(sub)
+    _add_capture_command(sub)
     return parser
 
 
@@ -1020,6 +1021,221 @@ def _add_rollout_command(sub) -> None:
     p = command("weight", "send WEIGHT of the routing keys to the candidate of a canary; the steps go on from "
                           "the first one at or above it")
     p.add_argument("weight", metavar="WEIGHT", type=_rollout_weight, help="a share (0.25) or a percentage (25%%)")
+
+
+# ------------------------------------------------------------------------------------------------
+# `speciesclf capture ...` (a capture folder: its numbers, queries, export, retention and erasure; see
+# docs/capture.md). Self-contained: reached only through _add_capture_command().
+# ------------------------------------------------------------------------------------------------
+
+_CAPTURE_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_CAPTURE_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                       "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _capture_duration(text: str) -> float:
+    """argparse type for --retention: 30d, 12h, 90m, 45s or 2w, in seconds (above 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration above 0 such as 30d, 12h, 90m, 45s or 2w, got {text!r}")
+    return float(match[1]) * _CAPTURE_DURATION_UNITS[match[2]]
+
+
+def _capture_size(text: str) -> int:
+    """argparse type for --max-bytes: 10GB, 500MB, 2GiB or a number of bytes (above 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match[2] not in _CAPTURE_SIZE_UNITS or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size above 0 such as 10GB, 500MB, 2GiB or 1000000 (bytes), "
+                                         f"got {text!r}")
+    return int(float(match[1]) * _CAPTURE_SIZE_UNITS[match[2]])
+
+
+def _capture_time(text: str) -> float:
+    """argparse type for --since/--until: an ISO 8601 time (UTC when it names no zone) or a duration ago
+    (24h, 7d, 30m)."""
+    import datetime as dt
+
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhdw]\s*", text.lower()):
+        return time.time() - _capture_duration(text)
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO time (2026-12-01T08:00:00Z) or a duration ago "
+                                         f"(24h, 7d), got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def _capture_id(text: str) -> str:
+    from .capture.store import is_prediction_id
+
+    if not is_prediction_id(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a prediction id (26 characters, e.g. 01JEXAMPLE...), got {text!r}")
+    return text.strip()
+
+
+def _capture_iso(t: float | None) -> str | None:
+    import datetime as dt
+
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _capture_open(args: argparse.Namespace, **options):
+    """The store in DIR, which must already be a capture folder: a mistyped path is an error, not a new
+    empty store."""
+    from .capture import SqliteCaptureStore
+
+    root = Path(args.dir)
+    if not (root / "records.sqlite3").is_file():
+        raise ValueError(f"{_shown(root)}: not a capture folder (no records.sqlite3 in it)")
+    return SqliteCaptureStore(root, **options)
+
+
+def _capture_filters(args: argparse.Namespace) -> dict:
+    return {"since": args.since, "until": args.until, "version": args.version, "arm": args.arm, "label": args.label,
+            "unknown": args.unknown, "has_feedback": args.has_feedback}
+
+
+def _capture_folder_stats(store) -> dict:
+    """stats() of the folder, with what only the folder knows (feedback, time span) and without the counters
+    of this process, which captured nothing: drops are counted by the capturing service."""
+    numbers = store.stats()
+    with store._read_lock:
+        db = store._reader
+        with_image, unknown, with_feedback, oldest, newest = db.execute(
+            "SELECT count(image_sha256), coalesce(sum(unknown), 0), coalesce(sum(has_feedback), 0), min(t), max(t) "
+            "FROM records").fetchone()
+        by_source = dict(db.execute("SELECT source, count(*) FROM feedback GROUP BY source ORDER BY source").fetchall())
+    return {
+        "records": numbers["records"], "records_with_image": with_image, "unknown": unknown,
+        "images": numbers["images"], "image_bytes": numbers["image_bytes"],
+        "database_bytes": numbers["database_bytes"], "bytes": numbers["bytes"],
+        "dropped": None,  # kept in the capturing process's memory (the service's metrics), not in the folder
+        "records_with_feedback": with_feedback, "feedback": sum(by_source.values()), "feedback_by_source": by_source,
+        "oldest": _capture_iso(oldest), "newest": _capture_iso(newest),
+    }
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    import json
+
+    command = args.capture_command
+    options = {}
+    if command == "purge":
+        options = {"max_age_s": args.retention, "max_bytes": args.max_bytes}
+    store = _capture_open(args, **options)
+    try:
+        if command == "stats":
+            numbers = _capture_folder_stats(store)
+            if args.json:
+                print(json.dumps(numbers, indent=2, sort_keys=True))
+            else:
+                shown = dict(numbers, dropped="not kept in the folder (the capturing service counts them)",
+                             feedback_by_source=", ".join(f"{k} {v}" for k, v in numbers["feedback_by_source"].items())
+                             or "none")
+                for key, value in shown.items():
+                    print(f"{key:<22} {value}")
+        elif command == "query":
+            for record in store.query(**_capture_filters(args), limit=args.limit, after_id=args.after_id):
+                print(json.dumps(_finite_or_none(record), sort_keys=True, ensure_ascii=False))
+        elif command == "export":
+            filters = {k: v for k, v in _capture_filters(args).items() if v is not None}
+            if args.format == "parquet":
+                rows = store.export_parquet(args.out, embeddings=not args.no_embeddings, **filters)
+                print(f"wrote {rows} records to {_shown(args.out)}")
+            else:
+                done = store.export_imagefolder(args.out, labels=args.labels, include_special=args.include_special,
+                                                **filters)
+                print(f"wrote {done['images']} images to {_shown(args.out)} ({done['skipped']} records skipped: "
+                      f"no image or no label)")
+        elif command == "purge":
+            removed = store.purge()
+            print(f"removed {removed['records']} records, {removed['feedback']} feedback entries, {removed['images']} "
+                  f"images no record names any more, {removed['orphans']} orphan files")
+        elif command == "erase":
+            erased = store.erase(prediction_id=args.prediction_id, subject=args.subject)
+            print(f"erased {erased['records']} records, {erased['feedback']} feedback entries, {erased['images']} images")
+            if not erased["records"]:
+                print("speciesclf: warning: no record matched", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
+def _add_capture_command(sub) -> None:
+    capture = sub.add_parser(
+        "capture", help="a capture folder (serve --capture DIR): numbers, queries, export for training, "
+                        "retention and erasure (docs/capture.md)",
+        description="Works on the folder directly; a service capturing into it may keep running (SQLite WAL).")
+    csub = capture.add_subparsers(dest="capture_command", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        p = csub.add_parser(name, help=text, description=text)
+        p.add_argument("dir", metavar="DIR", help="the capture folder (holding records.sqlite3 and images/)")
+        p.set_defaults(run=_one_line_errors(_cmd_capture))
+        return p
+
+    def filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--since", type=_capture_time, metavar="WHEN",
+                       help="records at or after WHEN: an ISO time (UTC unless it names a zone) or a duration ago "
+                            "(24h, 7d)")
+        p.add_argument("--until", type=_capture_time, metavar="WHEN", help="records before WHEN (as --since)")
+        p.add_argument("--version", help="the model's version (1.0.0, or name@version)")
+        p.add_argument("--arm", help="the rollout arm (primary, candidate, shadow)")
+        p.add_argument("--label", help="the model's label (not people's: see feedback_label in each record)")
+        unknown = p.add_mutually_exclusive_group()
+        unknown.add_argument("--unknown", dest="unknown", action="store_const", const=True,
+                             help="only answers of 'unknown'")
+        unknown.add_argument("--known", dest="unknown", action="store_const", const=False,
+                             help="only answers naming a label")
+        feedback = p.add_mutually_exclusive_group()
+        feedback.add_argument("--has-feedback", dest="has_feedback", action="store_const", const=True,
+                              help="only records someone has labelled")
+        feedback.add_argument("--no-feedback", dest="has_feedback", action="store_const", const=False,
+                              help="only records nobody has labelled yet")
+
+    p = command("stats", "records, images, bytes, feedback counts and the time span of the folder")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+
+    p = command("query", "records matching the filters, in time order, one JSON object per line")
+    filters(p)
+    p.add_argument("--limit", type=_capture_limit, default=100, help="records printed, 1..10000")
+    p.add_argument("--after-id", type=_capture_id, metavar="ID",
+                   help="start after this prediction id (the last one of the previous page)")
+
+    p = command("export", "records for training: an ImageFolder tree (DIR/<label>/<id>.<ext>) or a Parquet file")
+    filters(p)
+    p.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder",
+                   help="imagefolder: the images of labelled records, one folder per label; parquet: every "
+                        "record with its feedback (needs pyarrow: pip install 'speciesclf[capture]')")
+    p.add_argument("--out", required=True, metavar="PATH", help="the folder (imagefolder) or file (parquet) to write")
+    p.add_argument("--labels", choices=["feedback", "model"], default="feedback",
+                   help="imagefolder: people's resolved labels only, or the model's label where nobody gave one")
+    p.add_argument("--include-special", action="store_true",
+                   help="imagefolder: also write not_an_animal and unknown_species folders")
+    p.add_argument("--no-embeddings", action="store_true", help="parquet: leave the embedding column out")
+
+    p = command("purge", "enforce retention: remove records older than --retention, then the oldest until the "
+                         "folder holds --max-bytes, then images no record names (orphans older than a minute)")
+    p.add_argument("--retention", type=_capture_duration, metavar="AGE",
+                   help="the maximum age of a record: 30d, 12h, 90m, 45s or 2w; default: no age limit")
+    p.add_argument("--max-bytes", type=_capture_size, metavar="SIZE",
+                   help="the most the folder may hold (images and database): 10GB, 500MB, 2GiB or bytes; "
+                        "default: no size limit")
+
+    p = command("erase", "remove one prediction, or everything of one subject: records, images, embeddings and "
+                         "feedback, overwritten in the database file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prediction-id", type=_capture_id, metavar="ID", help="the prediction to erase")
+    which.add_argument("--subject", metavar="S", help="erase every record of this client-supplied subject id")
+
+
+def _capture_limit(text: str) -> int:
+    value = _positive_int(text)
+    if value > 10000:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..10000, got {value}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------
