@@ -213,16 +213,21 @@ def test_pointing_the_candidate_alias_starts_a_rollout_without_a_restart(registr
         assert [m["arm"] for m in models["models"]] == ["primary", "candidate"]
 
 
-def test_sighup_makes_speciesclf_serve_look_at_the_aliases_at_once(registry, tmp_path: Path) -> None:
+def _serve(tmp_path: Path, *options: str) -> tuple[subprocess.Popen, int]:
+    """``speciesclf serve`` with ``options`` on a free 127.0.0.1 port, its log in tmp_path/serve.log."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # The poll is an hour apart: only the signal can make the service see the alias in time.
     with open(tmp_path / "serve.log", "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "speciesclf", "serve", "--model", "species100@production",
-                                   "--registry", str(registry.root), "--watch-interval", "3600", "--port", str(port),
-                                   "--log-level", "warning"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=log)
+                                   *options, "--port", str(port), "--log-level", "warning"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    return server, port
+
+
+def test_sighup_makes_speciesclf_serve_look_at_the_aliases_at_once(registry, tmp_path: Path) -> None:
+    # The poll is an hour apart: only the signal can make the service see the alias in time.
+    server, port = _serve(tmp_path, "--registry", str(registry.root), "--watch-interval", "3600")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             deadline = time.monotonic() + 90
@@ -350,15 +355,8 @@ def test_serve_refuses_bad_rollout_options_before_loading_anything(tmp_path: Pat
 
 
 def test_workers_route_a_key_alike_and_share_one_rollout(registry, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(tmp_path / "serve.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "speciesclf", "serve", "--model", "species100@production",
-                                   "--registry", str(registry.root), "--candidate", f"species100@{GOOD}",
-                                   "--rollout", "canary:50,100", "--workers", "2", "--port", str(port),
-                                   "--log-level", "warning"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=log)
+    server, port = _serve(tmp_path, "--registry", str(registry.root), "--candidate", f"species100@{GOOD}",
+                          "--rollout", "canary:50,100", "--workers", "2")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             deadline = time.monotonic() + 120

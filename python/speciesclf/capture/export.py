@@ -18,18 +18,14 @@ from .store import CaptureError
 
 __all__ = ["export_imagefolder", "export_parquet", "apply_orientation"]
 
-# EXIF orientation -> the Pillow transpose that shows the image the right way up.
-_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
-              7: "TRANSVERSE", 8: "ROTATE_90"}
 _SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 
 
 def apply_orientation(image: Any, orientation: int | None) -> Any:
     """A PIL image turned the way its recorded EXIF orientation says (the stored pixels are as sent)."""
-    from PIL import Image
+    from ..preprocessing._pillow_backend import apply_orientation as turn
 
-    name = _TRANSPOSE.get(orientation or 1)
-    return image if name is None else image.transpose(getattr(Image.Transpose, name))
+    return turn(image, orientation)
 
 
 def _folder_name(label: str) -> str:

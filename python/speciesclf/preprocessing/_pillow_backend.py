@@ -135,9 +135,13 @@ def open_upright(
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as e:
         raise DecodeError(f"{fmt}: {e}") from None
     box = upright_box((width, height), reduction, image.size, orientation)
-    if orientation in _TRANSPOSE:
-        image = image.transpose(_TRANSPOSE[orientation])
-    return image, box, upright
+    return apply_orientation(image, orientation), box, upright
+
+
+def apply_orientation(image: Image.Image, orientation: int | None) -> Image.Image:
+    """``image`` turned the way an EXIF ``orientation`` (1..8; None or 1: as it is) says it is shown."""
+    transpose = _TRANSPOSE.get(orientation or 1)
+    return image if transpose is None else image.transpose(transpose)
 
 
 def pixels_to_image(pixels: np.ndarray) -> Image.Image:
