@@ -145,8 +145,9 @@ def test_a_prediction_answer_is_to_dict_of_the_prediction(live, species100) -> N
     assert r.status_code == 200
     expected = species100.predict(photo, top_k=3).to_dict()
     got = r.json()
-    # "arm" is a rollout's (which version answered): a single Classifier's predictions have none.
-    assert set(got) == set(expected) == set(PredictionBody.model_fields) - {"arm"}
+    # "arm" is a rollout's (which version answered): a single Classifier's predictions have none; nor is
+    # there a "prediction_id" without capture (tests/test_serve_capture.py).
+    assert set(got) == set(expected) == set(PredictionBody.model_fields) - {"arm", "prediction_id"}
     for key in ("label", "guess", "index", "scientific_name", "unknown", "model", "error"):
         assert got[key] == expected[key], key
     assert got["score"] == pytest.approx(expected["score"]) and got["open_set_score"] == pytest.approx(

@@ -1250,6 +1250,9 @@ _SERVE_FLAGS = {
     "host": "--host", "port": "--port", "url_allow_hosts": "--url-allow-host",
     "url_allow_networks": "--url-allow-network", "rollout": "--rollout", "candidate": "--candidate",
     "admin_token_file": "--admin-token-file", "watch_interval_s": "--watch-interval", "registry": "--registry",
+    "capture_dir": "--capture", "capture_rate": "--capture-rate", "capture_retention": "--retention",
+    "capture_max_bytes": "--max-capture-bytes", "capture_consent": "--capture-consent",
+    "capture_optional": "--capture-optional", "feedback_token_file": "--feedback-token-file",
 }
 
 
@@ -1283,11 +1286,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             given["default_timeout_ms"] = args.timeout_ms
         if args.watch_interval is not None:
             given["watch_interval_s"] = args.watch_interval
+        for field, value in (("capture_rate", args.capture_rate), ("capture_retention", args.retention),
+                             ("capture_max_bytes", args.max_capture_bytes), ("capture_consent", args.capture_consent)):
+            if value is not None:
+                given[field] = value
         config = ServeConfig(host=args.host, port=args.port, url_inputs=bool(args.url_allow_host),
                              url_allow_hosts=tuple(args.url_allow_host),
                              url_allow_networks=tuple(args.url_allow_network), rollout=args.rollout,
                              candidate=args.candidate, admin_token_file=args.admin_token_file,
-                             registry=args.registry, **given)
+                             registry=args.registry, capture_dir=args.capture, capture_optional=args.capture_optional,
+                             feedback_token_file=args.feedback_token_file, **given)
         if args.candidate is not None or args.rollout is not None:
             from .serve._deployment import is_registry_reference, registry_of
 
@@ -1345,6 +1353,23 @@ def _add_serve_command(sub) -> None:
                    help="enable the admin API under /v1/admin/ with the bearer token in FILE (without it the admin "
                         "routes do not exist)")
     p.add_argument("--registry", metavar="DIR", help="the registry folder (default: $SPECIESCLF_HOME/registry)")
+    # Capture and feedback (docs/serve.md, docs/capture.md): off unless --capture is given.
+    p.add_argument("--capture", metavar="DIR",
+                   help="capture predictions into the store in DIR (records, and the images senders consent to)")
+    p.add_argument("--capture-rate", type=float, metavar="R",
+                   help="the share of ordinary answers captured (default 0.1; unknowns, low scores and errors always)")
+    p.add_argument("--retention", metavar="AGE", help="purge captures older than AGE: 30d, 12h, 90m or seconds "
+                                                      "(default 30d)")
+    p.add_argument("--max-capture-bytes", metavar="SIZE",
+                   help="the capture store's budget, images and database: 10GB, 500MB, 2GiB (default 10GB)")
+    p.add_argument("--capture-consent", choices=["required", "assumed"],
+                   help="what a request that sends no consent means: required (store only its numbers; default) "
+                        "or assumed")
+    p.add_argument("--capture-optional", action="store_true",
+                   help="if the capture store cannot be opened, serve without capture (one log line) instead of "
+                        "failing to start")
+    p.add_argument("--feedback-token-file", metavar="FILE",
+                   help="enable POST /v1/feedback with the bearer token in FILE (needs --capture)")
     p.add_argument("--watch-interval", type=float, metavar="S",
                    help="seconds between looks at the registry's aliases (default 2; SIGHUP looks at once)")
     p.set_defaults(run=_cmd_serve)

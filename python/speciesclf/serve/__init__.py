@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+from ..capture.store import CaptureError
 from .config import ServeConfig
 
 __all__ = ["ServeConfig", "ServeStartupError", "create_app", "run"]
@@ -19,7 +20,7 @@ __all__ = ["ServeConfig", "ServeStartupError", "create_app", "run"]
 
 class ServeStartupError(RuntimeError):
     """The service did not start: its model could not be loaded or warmed up (the message says why, on one
-    line), or the HTTP server itself did not start."""
+    line), its capture database could not be opened, or the HTTP server itself did not start."""
 
 
 def create_app(classifier_or_ref, config: ServeConfig | None = None, *, on_load_failure=None,
@@ -68,7 +69,10 @@ def run(classifier_or_ref, config: ServeConfig | None = None, *, log_level: str 
             failures.append(reason)
             server.should_exit = True  # uvicorn then shuts down as on Ctrl-C
 
-        app = create_app(classifier_or_ref, config, on_load_failure=stop, reload_signal=True)
+        try:
+            app = create_app(classifier_or_ref, config, on_load_failure=stop, reload_signal=True)
+        except CaptureError as e:  # a capture database that cannot be opened (without --capture-optional)
+            raise ServeStartupError(str(e)) from None
         server = uvicorn.Server(uvicorn.Config(app, **common))
         try:
             server.run()
@@ -143,7 +147,10 @@ def app_from_environment():
 
     configure_logging(_level(os.environ.get(_ENV_LOG_LEVEL, "info")))
     config = ServeConfig(**json.loads(os.environ[_ENV_CONFIG]))
-    return create_app(os.environ[_ENV_MODEL], config, on_load_failure=_worker_cannot_serve, reload_signal=True)
+    try:
+        return create_app(os.environ[_ENV_MODEL], config, on_load_failure=_worker_cannot_serve, reload_signal=True)
+    except CaptureError as e:
+        _worker_cannot_serve(str(e))
 
 
 def _worker_cannot_serve(reason: str) -> None:

@@ -20,23 +20,31 @@ from ._images import ApiError
 from .logs import log
 from .schemas import ADMIN_ROUTES, ReasonRequest, StartRequest, WeightRequest, validation_message
 
-__all__ = ["add_admin_routes"]
+__all__ = ["add_admin_routes", "bearer_authorizer"]
 
 _ACTIONS = ("pause", "resume", "promote", "rollback")
 
 
-def add_admin_routes(app: FastAPI, state: Any, token: str) -> None:
-    """The admin routes on ``app``; ``state`` is the app's serving state (its ``deployment``, when ready)."""
+def bearer_authorizer(token: str, what: str) -> Callable[[Request], None]:
+    """A check of ``Authorization: Bearer <token>``: 401 without one, 403 with another token; constant time.
+    ``what`` names the token in the messages (admin, feedback)."""
     expected = token.encode("utf-8")
 
     def authorize(request: Request) -> None:
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(401, "unauthorized", "the admin API needs an 'Authorization: Bearer <token>' header",
+            raise ApiError(401, "unauthorized", f"the {what} API needs an 'Authorization: Bearer <token>' header",
                            {"WWW-Authenticate": "Bearer"})
         # Headers arrive decoded as latin-1: encoding back gives the bytes sent, a UTF-8 token's included.
         if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), expected):
-            raise ApiError(403, "forbidden", "the bearer token is not this service's admin token")
+            raise ApiError(403, "forbidden", f"the bearer token is not this service's {what} token")
+
+    return authorize
+
+
+def add_admin_routes(app: FastAPI, state: Any, token: str) -> None:
+    """The admin routes on ``app``; ``state`` is the app's serving state (its ``deployment``, when ready)."""
+    authorize = bearer_authorizer(token, "admin")
 
     def deployment() -> Any:
         if not state.ready:

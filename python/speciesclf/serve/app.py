@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from ._fetch import ServiceFetcher
 from ._images import ApiError, check_image, decode_base64, error_for_prediction
+from .capture_routes import CaptureFields, capture_fields
 from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from .config import ServeConfig
 from .logs import log
@@ -36,7 +37,7 @@ __all__ = ["create_app"]
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch: "$" would let a trailing "\n" in
 _ROUTING_KEY = re.compile(r"[\x20-\x7e]{1,256}")  # printable ASCII, with fullmatch
 # Settings /v1/models does not show: where files are on the server (the token itself is in no setting).
-_PRIVATE_SETTINGS = ("host", "port", "admin_token_file", "registry")
+_PRIVATE_SETTINGS = ("host", "port", "admin_token_file", "registry", "capture_dir", "feedback_token_file")
 
 
 class _State:
@@ -61,6 +62,7 @@ class _State:
         self.fetcher: ServiceFetcher | None = None
         self.inflight_body_bytes = 0  # bodies being received or held by requests not yet answered
         self.predict_handlers: dict[str, Any] = {}  # POST path -> handler, called by _RequestMiddleware itself
+        self.capture: Any = None  # a capture_routes.ServiceCapture when the service captures
 
 
 def _error_response(error: ApiError, state: _State) -> JSONResponse:
@@ -89,12 +91,20 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
         raise TypeError(f"config must be a ServeConfig, got {type(config).__name__}")
     state = _State(classifier_or_ref, config, on_load_failure, reload_signal)
     admin_token = config.admin_token()  # read now: a file removed since the config was made is an error here
+    feedback_token = config.feedback_token()
+    if config.capture_dir is not None:
+        from .capture_routes import open_capture
+
+        # Opened now, not in the background: a damaged database is a start-up error (CaptureDatabaseError).
+        state.capture = open_capture(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.loader = asyncio.get_running_loop().create_task(_load(state))
         if config.url_inputs:  # its semaphore belongs to this loop
             state.fetcher = ServiceFetcher(config)
+        if state.capture is not None:
+            state.capture.purger = asyncio.get_running_loop().create_task(state.capture.purge_forever())
         try:
             yield
         finally:
@@ -106,6 +116,8 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if state.batcher is not None:
                 await state.batcher.stop(config.drain_timeout_s)
+            if state.capture is not None:  # after the batcher: the predictions it drained are offered first
+                await state.capture.close()
             if state.owns_classifier and state.classifier is not None:
                 state.classifier.close()
             state.ready = state.metrics.ready = False
@@ -152,6 +164,11 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
     async def metrics():
         if state.ready:
             state.metrics.model = state.classifier.model  # a reload may have changed it
+        if state.capture is not None:
+            state.metrics.capture_failures = state.capture.failures
+            state.metrics.capture_stats(await asyncio.to_thread(state.capture.store.stats))
+        elif config.capture_dir is not None:
+            state.metrics.capture_stats(None)
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.get("/v1/models")
@@ -182,6 +199,7 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
     @app.post("/v1/predict")
     async def predict(request: Request):
         deadline, query_top_k, body, kind = await _start(state, request, "/v1/predict")
+        payload = None
         if kind == "json":
             payload = _validate(state, state.models.predict_json, body)
             top_k = _one_top_k(query_top_k, payload.top_k, "in the body")
@@ -203,21 +221,30 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
         else:
             top_k = query_top_k or DEFAULT_TOP_K
             image = body
+        fields = _capture_fields(request, payload)
         check_image(image, min_side=config.min_side, max_pixels=config.max_pixels)
         predictions, batch_size = await _infer(state, request, [image], top_k, deadline)
         p = predictions[0]
+        prediction_id = _offer(state, request, p, image, fields)
         if p.error is not None:
-            raise error_for_prediction(p.error)
+            error = error_for_prediction(p.error)
+            if prediction_id is not None:
+                error.headers["X-Prediction-Id"] = prediction_id
+            raise error
         _count(state, p)
         headers = {"X-Model-Version": p.model}
         if state.deployment is not None:  # outside a rollout the primary answers everything
             headers["X-Model-Arm"] = p.arm or "primary"
-        return JSONResponse(_prediction_dict(p, top_k), headers=headers)
+        answer = _prediction_dict(p, top_k)
+        if prediction_id is not None:
+            answer["prediction_id"] = headers["X-Prediction-Id"] = prediction_id
+        return JSONResponse(answer, headers=headers)
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request):
         deadline, query_top_k, body, kind = await _start(state, request, "/v1/predict/batch")
         items: list[Any] = []  # bytes, or an ApiError for the item
+        payload = None
         if kind == "json":
             payload = _validate(state, state.models.batch_json, body)
             top_k = _one_top_k(query_top_k, payload.top_k, "in the body")
@@ -251,6 +278,7 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
                     items.append(await f.read())
             finally:
                 await form.close()
+        fields = _capture_fields(request, payload)
         good: list[int] = []
         for i, item in enumerate(items):
             if isinstance(item, bytes):
@@ -260,18 +288,25 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
                 except ApiError as e:
                     items[i] = e
         results: list[Any] = list(items)
+        prediction_ids: dict[int, str] = {}
         if good:
             predictions, _ = await _infer(state, request, [items[i] for i in good], top_k, deadline)
             for i, p in zip(good, predictions):
+                prediction_id = _offer(state, request, p, items[i], fields)
+                if prediction_id is not None:
+                    prediction_ids[i] = prediction_id
                 results[i] = error_for_prediction(p.error, field=f"images[{i}]") if p.error is not None else p
         out = []
-        for r in results:
+        for i, r in enumerate(results):
             if isinstance(r, ApiError):
                 state.metrics.error(r.code)
                 out.append(r.body())
             else:
                 _count(state, r)
-                out.append(_prediction_dict(r, top_k))
+                answer = _prediction_dict(r, top_k)
+                if i in prediction_ids:
+                    answer["prediction_id"] = prediction_ids[i]
+                out.append(answer)
         return JSONResponse({"predictions": out})
 
     state.predict_handlers = {"/v1/predict": predict, "/v1/predict/batch": predict_batch}
@@ -280,6 +315,10 @@ def create_app(classifier_or_ref: Any, config: ServeConfig | None = None, *,
 
         add_admin_routes(app, state, admin_token)
         state.routes |= set(ADMIN_ROUTES)
+    if state.capture is not None:
+        from .capture_routes import add_capture_routes
+
+        state.routes |= add_capture_routes(app, state, state.capture, admin_token, feedback_token)
     return app
 
 
@@ -542,6 +581,20 @@ def _prediction_dict(p: Any, top_k: int) -> dict:
     d = p.to_dict()
     d["top_k"] = d["top_k"][:top_k]
     return d
+
+
+def _capture_fields(request: Request, payload: Any) -> CaptureFields:
+    state: _State = request.app.state.serve
+    # The header is checked whether or not the service captures: what a request may send does not change.
+    fields = capture_fields(request, payload)
+    return fields if state.capture is not None else CaptureFields()
+
+
+def _offer(state: _State, request: Request, p: Any, image: bytes, fields: CaptureFields) -> str | None:
+    """The prediction offered to the capture store (which only queues it); its prediction id, if recorded."""
+    if state.capture is None:
+        return None
+    return state.capture.offer(p, image, request.scope.get("speciesclf", {}).get("request_id"), fields)
 
 
 def _count(state: _State, p: Any) -> None:

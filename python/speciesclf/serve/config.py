@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import re
 from pathlib import Path
 
 from ..sources.fetch import host_pattern
 from ..preprocessing.spec import DEFAULT_MAX_PIXELS
 
-__all__ = ["ServeConfig"]
+__all__ = ["ServeConfig", "parse_duration", "parse_size"]
 
 _DAY_MS = 86_400_000
 
@@ -64,6 +65,18 @@ class ServeConfig:
     admin_token_file: str | None = None
     watch_interval_s: float = 2.0  # how often the registry's aliases are looked at (also on SIGHUP)
     registry: str | None = None  # the registry's folder; default: $SPECIESCLF_HOME/registry
+    # Capture (docs/capture.md, docs/serve.md "Capture and feedback"): off unless capture_dir is set.
+    capture_dir: str | None = None
+    capture_rate: float = 0.1  # the share of ordinary answers kept (unknowns, low scores and errors always are)
+    capture_retention: str | float | None = "30d"  # records older than this are purged ("30d", "12h", seconds)
+    capture_max_bytes: str | int | None = "10GB"  # the store's budget, images and database ("10GB", "500MB", bytes)
+    capture_consent: str = "required"  # what a request that says nothing means: "required" (no) or "assumed"
+    capture_optional: bool = False  # a capture store that cannot be opened turns capture off instead of failing
+    capture_purge_interval_s: float = 3600.0  # how often retention is enforced (also once at start-up)
+    # POST /v1/feedback exists only with its own token, the stripped content of this file (capture needed).
+    feedback_token_file: str | None = None
+    feedback_rate_per_s: float = 5.0  # feedback calls per second and per source (user, reviewer, expert)
+    feedback_burst: int = 20  # calls a source may make at once before the rate applies
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -104,6 +117,36 @@ class ServeConfig:
             raise ValueError(f"ServeConfig.warmup must be a bool, got {self.warmup!r}")
         self._check_urls()
         self._check_rollout()
+        self._check_capture()
+
+    def _check_capture(self) -> None:
+        for name in ("capture_dir", "feedback_token_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"ServeConfig.{name} must be a non-empty string or None, got {value!r}")
+        rate = self.capture_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"ServeConfig.capture_rate must be a number in [0, 1], got {rate!r}")
+        object.__setattr__(self, "capture_rate", float(rate))
+        if self.capture_retention is not None:
+            object.__setattr__(self, "capture_retention", parse_duration(self.capture_retention, "capture_retention"))
+        if self.capture_max_bytes is not None:
+            object.__setattr__(self, "capture_max_bytes", parse_size(self.capture_max_bytes, "capture_max_bytes"))
+        if self.capture_consent not in ("required", "assumed"):
+            raise ValueError(f"ServeConfig.capture_consent must be 'required' or 'assumed', got {self.capture_consent!r}")
+        if not isinstance(self.capture_optional, bool):
+            raise ValueError(f"ServeConfig.capture_optional must be a bool, got {self.capture_optional!r}")
+        for name in ("capture_purge_interval_s", "feedback_rate_per_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"ServeConfig.{name} must be a number > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.feedback_burst, bool) or not isinstance(self.feedback_burst, int) or self.feedback_burst < 1:
+            raise ValueError(f"ServeConfig.feedback_burst must be a positive int, got {self.feedback_burst!r}")
+        if self.feedback_token_file is not None:
+            if self.capture_dir is None:
+                raise ValueError("ServeConfig.feedback_token_file needs capture_dir: feedback labels captured predictions")
+            self.feedback_token()
 
     def _check_rollout(self) -> None:
         from ..rollout.policy import parse_rollout
@@ -123,19 +166,11 @@ class ServeConfig:
 
     def admin_token(self) -> str | None:
         """The admin API's bearer token (read from ``admin_token_file``), or None when it has none."""
-        if self.admin_token_file is None:
-            return None
-        path = Path(self.admin_token_file).expanduser()
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"ServeConfig.admin_token_file: cannot read {path}: "
-                             f"{getattr(e, 'strerror', None) or e}") from None
-        if not token:
-            raise ValueError(f"ServeConfig.admin_token_file: {path} is empty; put the admin token in it")
-        if any(c.isspace() or not c.isprintable() for c in token):
-            raise ValueError(f"ServeConfig.admin_token_file: the token in {path} has spaces or control characters")
-        return token
+        return _read_token(self.admin_token_file, "admin_token_file", "admin")
+
+    def feedback_token(self) -> str | None:
+        """POST /v1/feedback's bearer token (read from ``feedback_token_file``), or None when it has none."""
+        return _read_token(self.feedback_token_file, "feedback_token_file", "feedback")
 
     def _check_urls(self) -> None:
         if not isinstance(self.url_inputs, bool):
@@ -166,6 +201,56 @@ class ServeConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _read_token(file: str | None, field: str, what: str) -> str | None:
+    if file is None:
+        return None
+    path = Path(file).expanduser()
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"ServeConfig.{field}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not token:
+        raise ValueError(f"ServeConfig.{field}: {path} is empty; put the {what} token in it")
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError(f"ServeConfig.{field}: the token in {path} has spaces or control characters")
+    return token
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_duration(value: str | float, field: str = "duration") -> float:
+    """Seconds from "30d", "12h", "90m", "45s", "2w" or a number of seconds; ValueError naming ``field``."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*", value.lower())
+        if match:
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"ServeConfig.{field} must be a duration above 0 such as 30d, 12h, 90m or 3600 (seconds), "
+                         f"got {value!r}")
+    return seconds
+
+
+def parse_size(value: str | int, field: str = "size") -> int:
+    """Bytes from "10GB", "500MB", "2GiB", "4096" or an int; ValueError naming ``field``."""
+    size: float | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*", value.lower())
+        if match and match.group(2) in _SIZE_UNITS:
+            size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if size is None or not math.isfinite(size) or int(size) < 1:
+        raise ValueError(f"ServeConfig.{field} must be a size above 0 such as 10GB, 500MB, 2GiB or 4096 (bytes), "
+                         f"got {value!r}")
+    return int(size)
 
 
 def _host_pattern(given: str) -> str:

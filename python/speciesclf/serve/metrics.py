@@ -105,6 +105,23 @@ class Metrics:
                              registry=r, multiprocess_mode="livemax")
         self._gate_llr = Gauge(f"{prefix}_rollout_gate_llr", "Each gate's log-likelihood ratio (it trips at "
                                "ln(1/alpha)).", ("gate",), registry=r, multiprocess_mode="livemax")
+        # Capture (docs/capture.md): the store's own counts, brought here at each scrape (capture_stats).
+        self._captured = Counter(f"{prefix}_capture_records", "Predictions queued for the capture store.", registry=r)
+        self._capture_dropped = Counter(f"{prefix}_capture_dropped", "Captures dropped: the store's queue was full, "
+                                        "or the store failed to take them.", registry=r)
+        self._capture_write_errors = Counter(f"{prefix}_capture_write_errors", "Capture writes that failed (capture "
+                                             "then turns itself off).", registry=r)
+        self._capture_enabled = Gauge(f"{prefix}_capture_enabled", "1 while the capture store takes records.",
+                                      registry=r, multiprocess_mode="livemin")
+        self._capture_queue = Gauge(f"{prefix}_capture_queue_depth", "Captures waiting for the store's writer.",
+                                    registry=r, multiprocess_mode="livesum")
+        self._feedback = Counter(f"{prefix}_feedback", "Feedback labels accepted, per source.", ("source",),
+                                 registry=r)
+        self._feedback_accuracy = Gauge(f"{prefix}_feedback_accuracy", "The share of labelled predictions the model "
+                                        "got right (resolved feedback labels), per version and arm.",
+                                        versioned, registry=r, multiprocess_mode="livemax")
+        self._capture_seen = {"captured": 0, "dropped": 0, "write_errors": 0}
+        self.capture_failures = 0  # captures the store raised on (counted as dropped)
         self._rollout: Any = None  # the Deployment observed
         self._verdicts_seen: dict[str, int] = {}
         self._fallbacks_seen = 0
@@ -202,6 +219,29 @@ class Metrics:
             child = self._prediction_children[label] = self._predictions.labels(label)
         child.inc()
         self.predictions_returned += 1
+
+    # --- capture ---------------------------------------------------------------------------------------
+
+    def capture_stats(self, stats: dict[str, Any] | None) -> None:
+        """The capture store's ``stats()`` (None: capture off): counters move by what is new since the last."""
+        if stats is None:
+            self._capture_enabled.set(0)
+            return
+        totals = {"captured": stats.get("captured", 0), "write_errors": stats.get("write_errors", 0),
+                  "dropped": stats.get("dropped", 0) + self.capture_failures}
+        for name, counter in (("captured", self._captured), ("dropped", self._capture_dropped),
+                              ("write_errors", self._capture_write_errors)):
+            new = totals[name] - self._capture_seen[name]
+            if new > 0:
+                counter.inc(new)
+            self._capture_seen[name] = totals[name]
+        self._capture_enabled.set(int(bool(stats.get("enabled"))))
+        self._capture_queue.set(stats.get("queue_depth", 0))
+
+    def feedback(self, source: str, version: str | None, arm: str | None, accuracy: float | None) -> None:
+        self._feedback.labels(source).inc()
+        if accuracy is not None:
+            self._feedback_accuracy.labels(version or "", arm or "primary").set(accuracy)
 
     # --- a rollout ---------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from .schemas import ADMIN_ROUTES, ROUTES, BatchResponse, ErrorBody, NotReady, RequestModels
+from .schemas import ADMIN_ROUTES, CAPTURE_ROUTES, ROUTES, BatchResponse, ErrorBody, NotReady, RequestModels
 
 __all__ = ["openapi_document"]
 
@@ -33,7 +33,9 @@ def openapi_document(app: Any, models: RequestModels) -> dict[str, Any]:
         "/v1/predict/batch": {"json": models.batch_json, "multipart": models.batch_form},
     }
     inputs = [m for bodies in request_bodies.values() for m in bodies.values()]
-    admin = {path: doc_and_body for path, doc_and_body in ADMIN_ROUTES.items() if path in doc["paths"]}
+    # Bearer-token routes present in this app: the admin API, and capture's (DELETE shares its GET's path).
+    admin = {path: doc_and_body for path, doc_and_body in {**ADMIN_ROUTES, **CAPTURE_ROUTES}.items()
+             if path in doc["paths"]}
     inputs += [body for _, body in admin.values() if body is not None]
     outputs = {route.ok for route in ROUTES.values() if route.ok is not None} | {ErrorBody, NotReady, BatchResponse}
     _, schema = models_json_schema([(m, "validation") for m in inputs]
@@ -55,11 +57,17 @@ def openapi_document(app: Any, models: RequestModels) -> dict[str, Any]:
          "description": "with a rollout: the key that decides which version answers (the same key, the same "
                         "version while the weight holds or grows); default: the image's bytes",
          "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,256}$"}},
+        {"name": "X-Capture-Consent", "in": "header", "required": False,
+         "description": "with capture on: whether the image may be stored (yes or no; default: the service's "
+                        "--capture-consent)",
+         "schema": {"type": "string", "enum": ["yes", "no"]}},
     ]
     answered_by = {
         "X-Model-Version": {"description": "name@version of the version that answered", "schema": {"type": "string"}},
         "X-Model-Arm": {"description": "with a rollout: primary or candidate",
                         "schema": {"type": "string", "enum": ["primary", "candidate"]}},
+        "X-Prediction-Id": {"description": "with capture on, when the answer was captured: its prediction_id",
+                            "schema": {"type": "string"}},
     }
     for path, route in ROUTES.items():
         operation = doc["paths"][path][route.method]
@@ -89,14 +97,18 @@ def openapi_document(app: Any, models: RequestModels) -> dict[str, Any]:
         operation["parameters"] = [top_k, *headers]
     bearer = {"bearer": []}
     for path, (route, body) in admin.items():
-        operation = doc["paths"][path][route.method]
-        operation["security"] = [bearer]
-        operation["responses"] = {
-            "200": {"description": route.ok_text, "content": {"application/json": {"schema": {"type": "object"}}}},
-            **{str(status): {"description": text, "content": {"application/json": {"schema": _ref(ErrorBody)}}}
-               for status, text in sorted(route.errors.items())}}
-        if body is not None:
-            operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": _ref(body)}}}
+        for method, operation in doc["paths"][path].items():
+            operation["security"] = [bearer]
+            media = "image/*" if path.endswith("/image") else "application/json"
+            schema = {"type": "string", "format": "binary"} if media == "image/*" else {"type": "object"}
+            operation["responses"] = {
+                "200": {"description": route.ok_text if method == route.method else "what was erased",
+                        "content": {media: {"schema": schema}}},
+                **{str(status): {"description": text, "content": {"application/json": {"schema": _ref(ErrorBody)}}}
+                   for status, text in sorted(route.errors.items())}}
+            if body is not None and method == route.method:
+                operation["requestBody"] = {"required": False,
+                                            "content": {"application/json": {"schema": _ref(body)}}}
     if admin:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return doc

@@ -12,11 +12,12 @@ import dataclasses
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag, ValidationError,
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag,
+                      ValidationError,
                       create_model, model_validator)
 
 __all__ = [
-    "ADMIN_ROUTES", "BatchResponse", "ErrorBody", "ErrorDetail", "Health", "ModelsBody", "NotReady",
+    "ADMIN_ROUTES", "BatchResponse", "CAPTURE_ROUTES", "EraseRequest", "FeedbackRequest", "Location", "ErrorBody", "ErrorDetail", "Health", "ModelsBody", "NotReady",
     "PredictionBody", "Ready", "ReasonRequest", "RequestModels", "RolloutInfo", "RouteDoc", "ROUTES",
     "StartRequest", "TopKEntry", "UrlInput", "WeightRequest", "too_many_items", "validation_message",
 ]
@@ -60,7 +61,33 @@ BatchItem = Annotated[
 ]
 
 
-class _PredictRequest(_Body):
+class Location(_Body):
+    """Where the photo was taken, in degrees: stored coarsened to a grid cell, never for sensitive species."""
+
+    lat: float = Field(ge=-90, le=90, strict=True, allow_inf_nan=False)
+    lon: float = Field(ge=-180, le=180, strict=True, allow_inf_nan=False)
+
+
+_MetadataValue = Union[Annotated[StrictStr, Field(max_length=256)], StrictBool, StrictInt,
+                       Annotated[float, Field(strict=True, allow_inf_nan=False)], None]
+
+
+class _CaptureFields(_Body):
+    """What a JSON request may tell the capture store (ignored when the service captures nothing)."""
+
+    consent: StrictBool | None = Field(None, description="whether the image may be stored (also the header "
+                                       "X-Capture-Consent: yes|no; given both ways, the two must agree); default: "
+                                       "the service's --capture-consent")
+    metadata: dict[Annotated[str, Field(min_length=1, max_length=64)], _MetadataValue] | None = Field(
+        None, max_length=16, description="at most 16 keys of 1..64 characters; values null, booleans, numbers or "
+                                         "strings of at most 256 characters; stored with consent only")
+    subject: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")] | None = Field(
+        None, description="the client's id of a person or device, for erasure (POST /v1/captures/erase); stored "
+                          "with consent only")
+    location: Location | None = Field(None, description="stored with consent only, coarsened")
+
+
+class _PredictRequest(_CaptureFields):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["image"]},
                                                                           {"required": ["url"]}]})
 
@@ -74,7 +101,7 @@ class _PredictRequest(_Body):
         return self
 
 
-class _BatchRequest(_Body):
+class _BatchRequest(_CaptureFields):
     images: list[BatchItem] = Field(description="the images, in the order of the answers (at least 1, at most "
                                                 "the service's max_batch_request)")
 
@@ -194,7 +221,8 @@ ERROR_CODES_TEXT = ("stable: invalid_base64, empty_input, url_not_allowed, url_f
                     "image_too_large, image_too_small, decode_error, invalid_request, too_many_images, queue_full, "
                     "deadline_exceeded, inference_timeout, not_ready, shutting_down, server_busy, client_closed, "
                     "model_error, internal, not_found, method_not_allowed; the admin API's: unauthorized, forbidden, "
-                    "rollout_conflict, candidate_refused, invalid_rollout (see docs/serve.md)")
+                    "rollout_conflict, candidate_refused, invalid_rollout; capture's: prediction_not_found, invalid_label, "
+                    "rate_limited, capture_error (see docs/serve.md)")
 
 
 class ErrorDetail(_Body):
@@ -229,6 +257,8 @@ class PredictionBody(_Body):
     error: ErrorDetail | None = Field(description="null in a prediction the service answers")
     arm: Literal["primary", "candidate"] | None = Field(
         default=None, description="with a rollout: which version answered, the primary or the candidate")
+    prediction_id: str | None = Field(
+        default=None, description="with capture on, when the answer was captured: its id, for POST /v1/feedback")
 
 
 class BatchResponse(_Body):
@@ -328,6 +358,23 @@ class WeightRequest(_Body):
     weight: float = Field(ge=0, le=1, strict=True, description="the share of routing keys for the candidate")
 
 
+class FeedbackRequest(_Body):
+    """A person's label for a captured prediction."""
+
+    prediction_id: StrictStr = Field(max_length=64, description="from the prediction's answer")
+    label: StrictStr = Field(max_length=200, description="a label of the model (common or scientific name, any "
+                                                         "case), or not_an_animal / unknown_species")
+    source: Literal["user", "reviewer", "expert"] = Field("user", description="who labels: the latest label of the "
+                                                          "most trusted source (expert > reviewer > user) counts")
+    comment: StrictStr | None = Field(None, max_length=2000)
+
+
+class EraseRequest(_Body):
+    """Erase every capture of a subject (the ``subject`` predictions were sent with)."""
+
+    subject: StrictStr = Field(min_length=1, max_length=128)
+
+
 # --- routes --------------------------------------------------------------------------------------------------
 
 _STATUS_TEXT = {
@@ -337,6 +384,7 @@ _STATUS_TEXT = {
     422: "invalid_request (a body, field, query parameter or header the route does not take as sent), "
          "decode_error, image_too_large (pixels) or image_too_small",
     429: "queue_full: see Retry-After",
+    404: "prediction_not_found: no captured prediction of this id (never captured, purged or erased)",
     401: "unauthorized: no 'Authorization: Bearer <token>' header (see WWW-Authenticate)",
     403: "forbidden: a bearer token that is not the service's admin token",
     409: "rollout_conflict (not possible in the rollout's phase) or candidate_refused (it cannot get traffic)",
@@ -388,4 +436,20 @@ ADMIN_ROUTES: dict[str, tuple[RouteDoc, type[BaseModel] | None]] = {
     **{f"/v1/admin/rollout/{action}": (RouteDoc("post", ("json",), None, _STATUS_OK, _ADMIN_ERRORS), ReasonRequest)
        for action in ("pause", "resume", "promote", "rollback")},
     "/v1/admin/rollout/weight": (RouteDoc("post", ("json",), None, _STATUS_OK, _ADMIN_ERRORS), WeightRequest),
+}
+
+_CAPTURE_ERRORS = {s: _STATUS_TEXT[s] for s in (401, 403, 404)} | {
+    422: "invalid_request: a query parameter or body the route does not take"}
+# Routes that exist only with capture on: the feedback route with the feedback token, the others with the
+# admin token (serve/capture_routes.py).
+CAPTURE_ROUTES: dict[str, tuple[RouteDoc, type[BaseModel] | None]] = {
+    "/v1/feedback": (RouteDoc("post", ("json",), None, "the prediction's feedback: its resolved label and count",
+                              {**_CAPTURE_ERRORS, 422: "invalid_label (with the closest names) or invalid_request",
+                               429: "rate_limited: this source sent too much feedback; see Retry-After",
+                               503: "not_ready: the model is loading"}), FeedbackRequest),
+    "/v1/captures": (RouteDoc("get", (), None, "records in id (time) order and next_after_id", _CAPTURE_ERRORS), None),
+    "/v1/captures/erase": (RouteDoc("post", ("json",), None, "what was erased", _CAPTURE_ERRORS), EraseRequest),
+    "/v1/captures/{prediction_id}": (RouteDoc("get", (), None, "one record with its feedback", _CAPTURE_ERRORS), None),
+    "/v1/captures/{prediction_id}/image": (RouteDoc("get", (), None, "the stored image, without its metadata",
+                                                    _CAPTURE_ERRORS), None),
 }
