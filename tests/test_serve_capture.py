@@ -8,6 +8,8 @@ by subject and by id; a failing store never fails a prediction; a damaged databa
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,6 @@ from PIL import Image  # noqa: E402
 from serve_server import LiveServer, b64, jpeg  # noqa: E402
 
 from speciesclf.capture import CaptureDatabaseError, new_prediction_id  # noqa: E402
-from speciesclf.cli import main  # noqa: E402
 from speciesclf.serve import ServeConfig, create_app  # noqa: E402
 
 pytestmark = pytest.mark.shared
@@ -207,12 +208,14 @@ def test_a_failing_store_never_fails_a_prediction(server, client, monkeypatch) -
     assert metric(client, "speciesclf_capture_enabled") == 1
 
 
-def test_a_damaged_database_stops_start_up_unless_capture_is_optional(species100, tokens, tmp_path, capsys) -> None:
+def test_a_damaged_database_stops_start_up_unless_capture_is_optional(species100, tokens, tmp_path) -> None:
     (tmp_path / "records.sqlite3").write_bytes(b"this is not a database" * 100)
     with pytest.raises(CaptureDatabaseError, match="records.sqlite3"):
         create_app(species100, capture_config(tmp_path, tokens))
-    assert main(["serve", "--capture", str(tmp_path), "--port", "0"]) == 1
-    assert "records.sqlite3" in capsys.readouterr().err
+    # In its own process: `serve` sets up the service's logging (and routes warnings) process-wide.
+    cli = subprocess.run([sys.executable, "-m", "speciesclf", "serve", "--capture", str(tmp_path), "--port", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 1 and "serve did not start" in cli.stderr and "records.sqlite3" in cli.stderr, cli.stderr
     app = create_app(species100, capture_config(tmp_path, tokens, capture_optional=True))
     with LiveServer(app) as live, httpx.Client(base_url=live.url) as c:
         r = c.post("/v1/predict", content=jpeg())
@@ -267,3 +270,15 @@ def test_every_status_the_capture_routes_answered_is_documented(server, client) 
             "/v1/captures/{prediction_id}/image"} <= set(paths)
     assert set(paths["/v1/captures/{prediction_id}"]) == {"get", "delete"}
     assert undocumented_statuses(client) == set()
+
+
+def test_shutdown_flushes_the_store_after_the_batcher_drains(species100, tokens, tmp_path) -> None:
+    from speciesclf.capture import SqliteCaptureStore
+
+    app = create_app(species100, capture_config(tmp_path, tokens))
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        ids = [c.post("/v1/predict", content=jpeg(), headers={"X-Capture-Consent": "yes"}).json()["prediction_id"]
+               for _ in range(5)]
+    with SqliteCaptureStore(tmp_path) as reopened:  # the service's store is closed: this reads its files
+        assert [r["prediction_id"] for r in reopened.query(limit=100)] == ids
+        assert all(r["image"] is not None for r in reopened.query(limit=100))
