@@ -282,3 +282,29 @@ def test_shutdown_flushes_the_store_after_the_batcher_drains(species100, tokens,
     with SqliteCaptureStore(tmp_path) as reopened:  # the service's store is closed: this reads its files
         assert [r["prediction_id"] for r in reopened.query(limit=100)] == ids
         assert all(r["image"] is not None for r in reopened.query(limit=100))
+
+
+def test_feedback_on_a_rollout_feeds_the_candidate_accuracy_gate(home, tokens, tmp_path) -> None:
+    from rollout_bundles import GOOD, make_registry
+
+    registry = make_registry(tmp_path / "registry", versions=("1.0.0", GOOD))
+    config = capture_config(tmp_path / "capture", tokens, registry=str(registry.root), candidate=GOOD,
+                            rollout="canary:50,100", watch_interval_s=0.2)
+    with LiveServer(create_app("species100@production", config)) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        for key in range(64):  # half of the routing keys go to the candidate
+            r = c.post("/v1/predict", content=jpeg(), headers={"X-Routing-Key": f"key-{key}"})
+            if r.headers["X-Model-Arm"] == "candidate":
+                break
+        assert r.headers["X-Model-Arm"] == "candidate", "no routing key of 64 reached the candidate"
+        pid = r.json()["prediction_id"]
+        assert record(c, pid)["arm"] == "candidate"
+        assert feedback(c, {"prediction_id": pid, "label": "not_an_animal", "source": "expert"}).status_code == 200
+        deadline = time.monotonic() + DEADLINE_S
+        while True:  # the gate's counts reach the shared rollout state at the deployment's next sync
+            gate = (admin(c, "GET", "/v1/admin/rollout").json()["rollout"].get("gates") or {}).get("accuracy") or {}
+            if gate.get("n", 0) >= 1:
+                break
+            assert time.monotonic() < deadline, f"the accuracy gate saw no feedback within {DEADLINE_S} s: {gate}"
+            time.sleep(0.1)
+        assert gate["n"] == 1
