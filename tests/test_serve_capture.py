@@ -308,3 +308,12 @@ def test_feedback_on_a_rollout_feeds_the_candidate_accuracy_gate(home, tokens, t
             assert time.monotonic() < deadline, f"the accuracy gate saw no feedback within {DEADLINE_S} s: {gate}"
             time.sleep(0.1)
         assert gate["n"] == 1
+
+
+def test_an_image_the_model_cannot_decode_is_captured_as_an_error(client, one_photo) -> None:
+    truncated = one_photo[:len(one_photo) // 3]
+    r = client.post("/v1/predict", content=truncated, headers={"X-Capture-Consent": "yes"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "decode_error", r.text
+    stored = record(client, r.headers["X-Prediction-Id"])
+    assert stored["reason"] == "error" and stored["error"]["code"] == "decode_error"
+    assert stored["image"] is None and stored["source_bytes"] == len(truncated)

@@ -583,6 +583,14 @@ def _prediction_dict(p: Any, top_k: int) -> dict:
     return d
 
 
+def _templated_route(state: _State, path: str) -> str:
+    """The route label of a path with an id in it (/v1/captures/{prediction_id}...), else "other": one label
+    per route, not per id."""
+    if path.startswith("/v1/captures/") and "/v1/captures/{prediction_id}" in state.routes:
+        return "/v1/captures/{prediction_id}/image" if path.endswith("/image") else "/v1/captures/{prediction_id}"
+    return "other"
+
+
 def _capture_fields(request: Request, payload: Any) -> CaptureFields:
     state: _State = request.app.state.serve
     # The header is checked whether or not the service captures: what a request may send does not change.
@@ -621,7 +629,7 @@ class _RequestMiddleware:
         # a "/" as Starlette's router cuts it ("/v" is no prefix of "/v1/predict").
         if root_path and (path == root_path or path.startswith(root_path + "/")):
             path = path[len(root_path):]
-        route = path if path in self.state.routes else "other"
+        route = path if path in self.state.routes else _templated_route(self.state, path)
         info = scope.setdefault("speciesclf", {})
         info["request_id"] = request_id
         status = {"code": 500, "started": False}

@@ -248,7 +248,8 @@ def add_capture_routes(app: FastAPI, state: Any, capture: ServiceCapture, admin_
         log("capture erase", by="prediction_id", **erased)
         return JSONResponse(erased)
 
-    return routes | {"/v1/captures", "/v1/captures/erase"}
+    return routes | {"/v1/captures", "/v1/captures/erase", "/v1/captures/{prediction_id}",
+                     "/v1/captures/{prediction_id}/image"}
 
 
 def _after_feedback(state: Any, store: SqliteCaptureStore, source: str, summary: dict[str, Any]) -> None:
