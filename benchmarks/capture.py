@@ -333,9 +333,9 @@ def render(results: dict) -> tuple[str, list[tuple[str, str, bool | None]]]:
         return "; ".join(f"{r['lost_s']:.2f} s ({r['lost']:,} of {r['acknowledged']:,})" for r in rounds)
 
     rows = [
-        f"| a) {q['records']:,.0f} records: written per s, numbers only / with a {EMBEDDING_DIM}-d float16 embedding | "
-        f"{q['records_per_s']:,.0f} / {e['records_per_s']:,.0f} |",
-        f"| a) database bytes per record (images apart) | {q['db_bytes_per_record']:,.0f} / {e['db_bytes_per_record']:,.0f} |",
+        f"| a) {q['records']:,.0f} records, numbers only / with a {EMBEDDING_DIM}-d float16 embedding: written per s; "
+        f"database bytes per record (images apart) | {q['records_per_s']:,.0f} / {e['records_per_s']:,.0f}; "
+        f"{q['db_bytes_per_record']:,.0f} / {e['db_bytes_per_record']:,.0f} |",
         f"| a) unlabelled unknowns of the last 24 h (all {q['queue_found']:,.0f}), median / max ms | "
         f"{fmt(q['queue_ms_median'], 1)} / {fmt(q['queue_ms_max'], 1)} (with embeddings {fmt(e['queue_ms_median'], 1)} / "
         f"{fmt(e['queue_ms_max'], 1)}; first page of 100: {fmt(q['page_ms_median'], 2)} / {fmt(q['page_ms_max'], 2)}) |",
@@ -352,15 +352,12 @@ def render(results: dict) -> tuple[str, list[tuple[str, str, bool | None]]]:
                     f"{http['off']['req_per_s']:.0f} / {http['on']['req_per_s']:.0f}, {fmt(http['off']['p50_ms'], 1)} / "
                     f"{fmt(http['on']['p50_ms'], 1)}, {fmt(http['off']['p99_ms'], 1)} / {fmt(http['on']['p99_ms'], 1)} "
                     f"(non-200 {http['off']['non_200']} / {http['on']['non_200']}) |")
-    rows.append(f"| c) kill -9 at {results['kill_rate']:.0f} records/s (new image each): lost | {kills(loaded)} |")
-    if overload:
-        rows.append(f"| c) kill -9 at {overload[0]['rate']:.0f} records/s (beyond the writer): lost | {kills(overload)} |")
-    rows.append(f"| c) after reopening: integrity, images missing, orphans removed by purge / left | "
+    beyond = f"; at {overload[0]['rate']:.0f}/s, beyond the writer: {kills(overload)}" if overload else ""
+    rows.append(f"| c) kill -9 at {results['kill_rate']:.0f} records/s (a new image each): lost{beyond}; then integrity, "
+                f"images missing, orphans removed by purge / left | {kills(loaded)}; "
                 f"{', '.join(sorted({r['integrity'] for r in c['rounds']}))}, "
                 f"{sum(r['missing_images'] for r in c['rounds'])}, {sum(r['orphans_removed'] for r in c['rounds'])} / {left} |")
-    lines = [f"Medians of {results['repeats']} alternating repeats (a: the two stores; b: off and on, "
-             f"{results['seconds']:.0f} s in-process rounds, HTTP closed loop over 50 photos); c: "
-             f"{len(c['rounds'])} kills, folder reopened:", "", "| Measurement | Value |", "|---|---|", *rows]
+    lines = ["| Measurement | Value |", "|---|---|", *rows]
 
     checks: list[tuple[str, str, bool | None]] = []
     checks.append((f"{q['records']:,.0f} records: 'unlabelled unknowns of the last 24 h' under {QUERY_TARGET_MS:.0f} ms "
@@ -455,9 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     body, checks = render(results)
     results["checks"] = [(t, m, ok) for t, m, ok in checks]
     details = [
-        f"- Store: SqliteCaptureStore defaults (WAL, synchronous NORMAL, batches of 256, flush every 0.2 s); "
-        f"a)'s queue sized to hold every record, so the rate is the writer's; {len(photos)} shared photos "
-        f"(imagenet-samples) for b); model species100 (the shared MobileNetV2); the run took {results['wall_s']:.0f} s.",
+        f"- Store: SqliteCaptureStore defaults (WAL, synchronous NORMAL, batches of 256, flush every 0.2 s; a)'s "
+        f"queue holds every record, so the rate is the writer's); medians of {repeats} alternating repeats (a: the two "
+        f"stores; b: off and on, {seconds:.0f} s in-process rounds over {len(photos)} shared photos, HTTP closed loop over "
+        f"50); c: {len(kill['rounds'])} kills, folder reopened; model species100; the run took {results['wall_s']:.0f} s.",
     ]
     finish(results, body, args, "capture.py — capture: write cost, review query, kill -9", details)
     return 0
