@@ -339,10 +339,9 @@ def render(results: dict) -> tuple[str, list[tuple[str, str, bool | None]]]:
 
     rows = [
         f"| a) {q['records']:,.0f} records, numbers only / with a {EMBEDDING_DIM}-d float16 embedding: written per s; "
-        f"database bytes per record (images apart) | {q['records_per_s']:,.0f} / {e['records_per_s']:,.0f}; "
-        f"{q['db_bytes_per_record']:,.0f} / {e['db_bytes_per_record']:,.0f} |",
-        f"| a) unlabelled unknowns of the last 24 h (all {q['queue_found']:,.0f}), median / max ms | "
-        f"{fmt(q['queue_ms_median'], 1)} / {fmt(q['queue_ms_max'], 1)} (with embeddings {fmt(e['queue_ms_median'], 1)} / "
+        f"database bytes per record (images apart); the review query | {q['records_per_s']:,.0f} / {e['records_per_s']:,.0f}; "
+        f"{q['db_bytes_per_record']:,.0f} / {e['db_bytes_per_record']:,.0f}; unlabelled unknowns of the last 24 h "
+        f"(all {q['queue_found']:,.0f}), median / max ms: {fmt(q['queue_ms_median'], 1)} / {fmt(q['queue_ms_max'], 1)} (with embeddings {fmt(e['queue_ms_median'], 1)} / "
         f"{fmt(e['queue_ms_max'], 1)}; first page of 100: {fmt(q['page_ms_median'], 2)} / {fmt(q['page_ms_max'], 2)}) |",
         f"| b) in-process, predict_batch({BATCH}) + capture of every answer with its image: img/s off / on | "
         f"{ip['off']['img_per_s']:.1f} / {ip['on']['img_per_s']:.1f} (p99 per batch {fmt(ip['off']['p99_batch_ms'], 1)} / "
