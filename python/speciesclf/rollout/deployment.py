@@ -367,16 +367,21 @@ class Deployment:
     def device(self) -> str:
         return self._primary.classifier.device
 
+    @property
+    def splits_traffic(self) -> bool:
+        """True while a canary sends some routing keys to a loaded candidate."""
+        candidate, rollout = self._candidate, self.rollout
+        return (candidate is not None and rollout.active and rollout.mode == "canary"
+                and rollout.state["candidate"] == candidate.version and rollout.weight > 0)
+
     def arm_for(self, key: str | bytes | None) -> str | None:
         """The arm a routing key goes to now ("primary" or "candidate"); None for no key (routed at random).
         The service groups its batches by it, so that each arm runs whole batches."""
         if key is None:
             return None
-        candidate, rollout = self._candidate, self.rollout
-        state = rollout.state
-        if candidate is None or not rollout.active or rollout.mode != "canary" or state["candidate"] != candidate.version:
+        if not self.splits_traffic:
             return "primary"
-        return "candidate" if routing_hash(key) < rollout.weight else "primary"
+        return "candidate" if routing_hash(key) < self.rollout.weight else "primary"
 
     def predict(self, x: Any, *, routing_key: str | bytes | None = None, **options: Any) -> Any:
         return self.predict_batch([x], routing_keys=None if routing_key is None else [routing_key], **options)[0]
@@ -408,9 +413,10 @@ class Deployment:
         if isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)):
             raise TypeError(f"predict_batch takes an iterable of images, got one {type(xs).__name__}: use predict()")
         items = list(xs)
-        keys = list(routing_keys) if routing_keys is not None else [routing_key_of(x) for x in items]
+        keys = list(routing_keys) if routing_keys is not None else [None] * len(items)
         if len(keys) != len(items):
             raise ValueError(f"{len(keys)} routing keys for {len(items)} images")
+        keys = [routing_key_of(x) if k is None else k for k, x in zip(keys, items)]  # None: the image's own
         with self._swap:
             primary = self._primary.acquire()
             candidate = self._candidate.acquire() if self._candidate is not None else None

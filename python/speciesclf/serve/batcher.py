@@ -107,9 +107,14 @@ class Batcher:
         loop = asyncio.get_running_loop()
         keys = arm = None
         if self._routes:
-            keys = [routing_key if routing_key is not None else routing_key_of(image) for image in images]
-            arms = {self.classifier.arm_for(key) for key in keys}
-            arm = arms.pop() if len(arms) == 1 else None
+            if self.classifier.splits_traffic:
+                keys = [routing_key if routing_key is not None else routing_key_of(image) for image in images]
+                arms = {self.classifier.arm_for(key) for key in keys}
+                arm = arms.pop() if len(arms) == 1 else None
+            else:
+                # No canary now: the image digests are not worth the event loop's time (the Deployment makes
+                # any it needs, in the inference thread); a given key is kept, in case one starts meanwhile.
+                keys = [routing_key] * len(images)
         job = _Job(images, top_k, loop.time() + timeout_s, loop.create_future(), keys, arm)
         self._queue.append(job)
         self._set_queued(self._queued_images + n)
