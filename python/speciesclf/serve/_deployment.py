@@ -79,12 +79,8 @@ def _candidate_to_start(deployment: Any, registry: Any, given: str) -> str | Non
         return ref  # start_candidate refuses it with the reason (and /v1/models shows it)
     state = deployment.rollout.state
     if state is not None and state.get("candidate") == version and state.get("phase") in ACTIVE_PHASES:
-        return None
-    rejected = registry.rejections(name).get(version)
-    if rejected is not None:
-        raise RolloutError(f"{name}@{version} was rejected ({rejected.get('reason') or 'no reason given'}); "
-                           f"unreject it in the registry to roll it out again")
-    return ref
+        return None  # already running, and loaded by from_registry: joining would load it a second time
+    return ref  # start_candidate refuses a rejected version, with its reason
 
 
 @contextlib.contextmanager
